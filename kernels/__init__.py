@@ -1,0 +1,1 @@
+"""Fused update kernels for the single-loop methods (installed as ``torchbilevel.kernels``)."""

@@ -1,0 +1,1 @@
+"""Experiments from the papers, as library code (see README)."""
