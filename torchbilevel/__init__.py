@@ -1,2 +1,16 @@
-"""torchbilevel: hypergradients and bilevel optimisers for PyTorch."""
+"""torchbilevel: hypergradients and bilevel optimisers for PyTorch.
+
+    min_x  f(x, y*(x))   s.t.  y*(x) = argmin_y g(x, y)
+
+See README.md for the methods, their papers and costs.
+"""
+from . import derivatives, tree
+from .estimators import HypergradAux, aid, itd, pzobo, stocbio
+from .hypergrad import hypergrad
+from .problem import Bilevel
+from .solvers import cg, fixed_point
+
 __version__ = "0.1.0"
+
+__all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "hypergrad",
+           "HypergradAux", "tree", "derivatives"]

@@ -1,0 +1,40 @@
+"""AID-BiO: approximate implicit differentiation (Ji, Yang, Liang 2021, Alg. 1, AID branch).
+
+Solve ∇yy g·v = ∇y f with a linear-system solver (CG or fixed point), then
+∇̂Φ = ∇x f − ∇xy g·v   (stocBiO paper eq. (3)).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .. import tree as T
+from ..derivatives import linearize
+from ..problem import draw
+from ..solvers import CG, FixedPoint, is_solver, solve
+from .base import HypergradAux, outer_grads
+
+
+class AID(NamedTuple):
+    """AID estimator config: ``solver`` is ``tb.cg(...)`` or ``tb.fixed_point(...)``;
+    ``mode`` picks the mechanism of the products (see :func:`torchbilevel.derivatives.linearize`)."""
+    solver: object
+    mode: str = "auto"
+
+    def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
+        ob, ib = draw(outer_batch), draw(inner_batch)
+        fx, fy, fval = outer_grads(problem, x, y, ob)
+        lin = linearize(problem.inner, x, y, ib, self.mode)   # one graph of ∇y g, reused
+        v = solve(self.solver, lin.hvp, fy, v0)               # ∇yy g·v = ∇y f
+        dx = T.sub(fx, lin.mixed(v))                          # eq. (3)
+        return dx, HypergradAux(y, v, fval.detach())
+
+
+def aid(solver, mode: str = "auto") -> AID:
+    """AID-BiO hypergradient at the given y: solve ∇yy g·v = ∇y f with ``solver``, return
+    ∇x f − ∇xy g·v.  Cost: one gradient of f, one of g with its graph, ``steps`` Hessian-
+    vector products and one mixed product.  Warm-start v with ``hg(..., v0=aux.v)``."""
+    if not is_solver(solver):
+        raise TypeError(f"aid(solver) needs tb.cg(...) or tb.fixed_point(...), got {type(solver).__name__}")
+    if mode not in ("auto", "autograd", "func"):
+        raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
+    return AID(solver, mode)

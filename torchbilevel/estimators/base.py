@@ -1,0 +1,38 @@
+"""What every hypergradient estimator returns besides the hypergradient."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from torch import Tensor
+from torch.func import grad_and_value
+
+from .. import tree as T
+
+
+class HypergradAux(NamedTuple):
+    """Auxiliary output of a hypergradient estimate (what a warm start needs).
+
+    y: the inner iterate the estimate used (after the estimator's own inner steps for
+       ITD and PZOBO; the given y for AID and stocBiO).
+    v: the linear-system solution (AID, stocBiO's v_Q), or None.
+    outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
+    """
+    y: T.Tree
+    v: Optional[T.Tree]
+    outer_loss: Tensor
+
+
+def outer_grads(problem, x, y, batch):
+    """(∇x f, ∇y f, f) at (x, y; batch) from one reverse pass."""
+    (fx, fy), fval = grad_and_value(problem.outer, argnums=(0, 1))(x, y, batch)
+    return fx, fy, fval
+
+
+def unroll(problem, x, y, batches, lr):
+    """``len(batches)`` gradient steps on the inner problem from y: y ← y − lr ∇y g(x, y; S_t)
+    (stocBiO paper Alg. 1 line 5 / Alg. 2 line 6), differentiable in x with torch.func."""
+    from ..derivatives import grad_y
+    for b in batches:
+        gy = grad_y(problem.inner, x, y, b)
+        y = {k: y[k] - lr * gy[k] for k in y}
+    return y

@@ -1,0 +1,93 @@
+"""PZOBO / PZOBO-S (Sow, Ji, Liang 2022, Alg. 1, eq. (4)-(5), (7)): the response Jacobian
+∂y_N/∂x estimated from the difference of perturbed inner gradient-descent paths.
+
+δ_j = (y_N(x + μ u_j) − y_N(x)) / μ,   u_j ~ N(0, I)                     (eq. (4), Alg. 1 l. 12)
+∇̂Φ = ∇x f(x, y_N) + (1/Q) Σ_j ⟨δ_j, ∇y f(x, y_N)⟩ u_j                   (eq. (5) / (7))
+
+No second-order products at all.  With minibatch iterators this is PZOBO-S: every path
+follows the same inner batches S_0..S_{N-1}, and f uses an independent outer batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch.func import vmap
+
+from .. import tree as T
+from ..problem import check_positive, check_steps, draw
+from .base import HypergradAux, outer_grads, unroll
+
+
+class PZOBO(NamedTuple):
+    """PZOBO estimator config (see :func:`pzobo`)."""
+    steps: int
+    lr: float
+    directions: int
+    mu: float
+    antithetic: bool = False
+    generator: Optional[torch.Generator] = None
+    vectorize: bool = True
+
+    def sample_directions(self, x):
+        """Q Gaussian directions u_j ~ N(0, I) shaped like x (leading dim Q), from ``generator``."""
+        flat, layout = T.ravel(x)
+        dev = self.generator.device if self.generator is not None else flat.device
+        u = torch.randn(self.directions, layout.numel, generator=self.generator, device=dev, dtype=flat.dtype)
+        return layout.unravel(u.to(flat.device))
+
+    def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
+        batches = [draw(inner_batch) for _ in range(self.steps)]   # one path of batches for all
+        ob = draw(outer_batch)                                      # independent outer batch D_F
+        path = lambda xx: unroll(problem, xx, y, batches, self.lr)
+        y_n = path(x)                                               # Alg. 1 lines 4-6
+        fx, fy, fval = outer_grads(problem, x, y_n, ob)
+        u = self.sample_directions(x)                               # Alg. 1 line 8
+        if self.antithetic:
+            # Central difference over ±μu: (y_N(x+μu) − y_N(x−μu)) / 2μ, same expectation.
+            both = {k: torch.cat([t, -t]) for k, t in u.items()}
+            ys = self._paths(path, x, both)
+            q = self.directions
+            delta = {k: (t[:q] - t[q:]) / (2 * self.mu) for k, t in ys.items()}
+        else:
+            ys = self._paths(path, x, u)                            # Alg. 1 lines 9-11
+            delta = {k: (t - y_n[k]) / self.mu for k, t in ys.items()}   # line 12
+        # ⟨δ_j, ∇y f⟩ for each direction j
+        coef = sum((delta[k].reshape(self.directions, -1) * fy[k].reshape(1, -1)).sum(1) for k in fy)
+        jt_fy = {k: torch.tensordot(coef, t, dims=1) / self.directions for k, t in u.items()}
+        dx = T.add(fx, jt_fy)                                        # eq. (5) / (7)
+        return dx, HypergradAux({k: t.detach() for k, t in y_n.items()}, None, fval.detach())
+
+    def _paths(self, path, x, u):
+        shifted = lambda uj: path({k: x[k] + self.mu * uj[k] for k in x})
+        if self.vectorize:
+            return vmap(shifted)(u)
+        n = next(iter(u.values())).shape[0]
+        outs = [shifted({k: t[j] for k, t in u.items()}) for j in range(n)]
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+
+
+def pzobo(steps: int, lr: float, directions: int, mu: float, *, antithetic: bool = False,
+          generator: Optional[torch.Generator] = None, vectorize: bool = True) -> PZOBO:
+    """PZOBO hypergradient (Hessian-free): ``steps`` inner GD steps of size ``lr`` from the
+    given y, plus one perturbed path per Gaussian direction.
+
+    Args:
+        steps: N, inner gradient steps per path.
+        lr: α, inner step size.
+        directions: Q, number of Gaussian directions u_j.
+        mu: μ > 0, the perturbation size of x.
+        antithetic: use ±μu pairs and a central difference (2Q perturbed paths instead of
+            Q, lower variance; measured in bench/RESULTS.md).  Not in the paper.
+        generator: a ``torch.Generator`` for the directions (reproducible runs).
+        vectorize: run the Q perturbed paths in one ``torch.func.vmap`` call (True) or a
+            Python loop (False).
+
+    In expectation over u the estimate equals the ITD hypergradient of the same inner
+    path (eq. (4): E[u uᵀ] = I), up to O(μ) curvature terms.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return PZOBO(check_steps(steps, "steps"), check_positive(lr, "lr"),
+                 check_steps(directions, "directions"), check_positive(mu, "mu"),
+                 bool(antithetic), generator, bool(vectorize))

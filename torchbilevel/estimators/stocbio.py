@@ -1,0 +1,50 @@
+"""stocBiO (Ji, Yang, Liang 2021, Alg. 2-3): the linear system solved by a truncated
+Neumann series, each term's Hessian on a fresh batch.
+
+v_Q = η Σ_{i=0..Q} r_i,  r_Q = ∇y F(D_F),  r_{i-1} = r_i − η ∇yy G(B_i)·r_i   (Alg. 3, eq. (5))
+∇̂Φ = ∇x F(D_F) − ∇xy G(D_G)·v_Q                                             (eq. (6))
+"""
+from __future__ import annotations
+
+import collections.abc
+from typing import NamedTuple
+
+from .. import tree as T
+from ..derivatives import linearize
+from ..problem import check_positive, check_steps, draw
+from .base import HypergradAux, outer_grads
+
+
+class StocBiO(NamedTuple):
+    """stocBiO estimator config: ``neumann_steps`` = Q, ``eta`` = η (η < 1/L_g)."""
+    neumann_steps: int
+    eta: float
+    mode: str = "auto"
+
+    def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
+        fx, fy, fval = outer_grads(problem, x, y, draw(outer_batch))      # D_F
+        fresh = isinstance(inner_batch, collections.abc.Iterator)
+        shared = None if fresh else linearize(problem.inner, x, y, inner_batch, self.mode)
+
+        def op():
+            return shared if shared is not None else linearize(problem.inner, x, y, next(inner_batch), self.mode)
+
+        r, acc = fy, fy
+        for _ in range(self.neumann_steps):                                # i = Q, ..., 1
+            hr = op().hvp(r)                                               # ∇yy G(B_i)·r_i
+            r = T.axpy(-self.eta, hr, r)                                   # r_{i-1}
+            acc = T.add(acc, r)
+        v = T.scale(acc, self.eta)                                         # v_Q = η Σ r_i
+        dx = T.sub(fx, op().mixed(v))                                      # eq. (6), D_G
+        return dx, HypergradAux(y, v, fval.detach())
+
+
+def stocbio(neumann_steps: int, eta: float, mode: str = "auto") -> StocBiO:
+    """stocBiO hypergradient (Alg. 3 of the stocBiO paper) at the given y.
+
+    When ``inner_batch`` is an iterator each Neumann term uses a fresh batch B_i and the
+    mixed product a fresh batch D_G; otherwise one batch (and one autograd graph) serves
+    all terms.  Cost: ``neumann_steps`` Hessian-vector products and one mixed product."""
+    if mode not in ("auto", "autograd", "func"):
+        raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
+    return StocBiO(check_steps(neumann_steps, "neumann_steps"), check_positive(eta, "eta"), mode)

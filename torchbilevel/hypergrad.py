@@ -1,0 +1,71 @@
+"""``hypergrad``: the transform that turns a problem and an estimator into a function
+computing ∇Φ(x), shaped like ``torch.func.grad``."""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+from torch import Tensor
+
+from . import tree as T
+from .estimators import HypergradAux, is_estimator
+from .problem import check_params, check_problem, in_functorch_transform
+
+
+def diagnose_nonfinite(dx, aux: HypergradAux) -> str:
+    """Name the first stage whose output is non-finite (called only after a failure)."""
+    if not bool(T.all_finite(aux.y)):
+        return "the inner iterate (inner gradient steps diverged or the inner gradient is NaN/inf)"
+    if not bool(T.all_finite({"f": aux.outer_loss})):
+        return "the outer objective f (outer gradient)"
+    if aux.v is not None and not bool(T.all_finite(aux.v)):
+        return "the linear-system solution v (∇yy g·v = ∇y f)"
+    return "the hypergradient (outer gradient or mixed product ∇xy g·v)"
+
+
+def check_hypergradient(dx, aux: HypergradAux) -> None:
+    """Raise FloatingPointError naming where NaN/inf arose (one host read when all is finite)."""
+    if in_functorch_transform():
+        return
+    if not bool(T.all_finite(dx)):
+        raise FloatingPointError(f"non-finite hypergradient: NaN/inf first appears in {diagnose_nonfinite(dx, aux)}")
+
+
+def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True) -> Callable:
+    """Return a function computing the hypergradient ∇Φ(x) with ``estimator``.
+
+    Like ``torch.func.grad``, this is a transform::
+
+        hg = tb.hypergrad(problem, tb.aid(tb.cg(steps=20)))
+        dx = hg(x, y, inner_batch, outer_batch)            # dict shaped like x
+        dx, aux = tb.hypergrad(problem, est, has_aux=True)(x, y, inner_batch, outer_batch, v0=None)
+
+    Args:
+        problem: a :class:`torchbilevel.Bilevel`.
+        estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)`` or ``tb.pzobo(...)``.
+        has_aux: also return a :class:`HypergradAux` (inner iterate reached, linear-system
+            solution, outer loss) for warm starts and logging.
+        check_finite: raise FloatingPointError if the result holds NaN/inf (one host read
+            per call; skipped inside torch.func transforms such as vmap).
+
+    The returned function takes ``(x, y, inner_batch, outer_batch, v0=None)``: x and y are
+    dicts of tensors (never modified), the batches are passed to g and f (an iterator is
+    drawn from for fresh samples), and ``v0`` warm-starts the linear-system solver.
+    With fixed step counts (no solver tolerance) it composes with ``torch.func.vmap``.
+    """
+    check_problem(problem)
+    if not is_estimator(estimator):
+        raise TypeError("estimator must be tb.aid(...), tb.itd(...), tb.stocbio(...) or tb.pzobo(...), "
+                        f"got {type(estimator).__name__}")
+
+    def hypergradient(x: Mapping[str, Tensor], y: Mapping[str, Tensor], inner_batch, outer_batch,
+                      v0: Optional[Mapping[str, Tensor]] = None):
+        check_params(x, y)
+        if v0 is not None:
+            T.check_same_keys(v0, y, "v0 and y")
+        dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
+        if check_finite:
+            check_hypergradient(dx, aux)
+        return (dx, aux) if has_aux else dx
+
+    hypergradient.__doc__ = f"Hypergradient of {problem!r} by {estimator!r}."
+    return hypergradient

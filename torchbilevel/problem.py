@@ -1,0 +1,166 @@
+"""The bilevel problem: two objectives, and how batches are drawn for them.
+
+    min_x  Φ(x) = f(x, y*(x))   s.t.  y*(x) = argmin_y g(x, y)
+
+``f`` (outer) and ``g`` (inner) are plain functions ``(x, y, batch) -> scalar Tensor``
+with ``x`` and ``y`` dicts of tensors.
+"""
+from __future__ import annotations
+
+import collections.abc
+import numbers
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import tree as T
+
+__all__ = ["Bilevel", "draw", "check_params", "check_positive", "check_steps", "check_unit",
+           "in_functorch_transform"]
+
+Objective = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Any], Tensor]
+
+
+def _checked_scalar(fn, name):
+    """Wrap an objective so that a non-tensor or non-scalar result raises a clear error."""
+    def wrapped(x, y, batch):
+        out = fn(x, y, batch)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the {name} objective must return a scalar torch.Tensor, got {type(out).__name__}")
+        if out.numel() != 1:
+            raise ValueError(f"the {name} objective must return a scalar, got shape {tuple(out.shape)}")
+        return out.reshape(())
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+class Bilevel:
+    """A bilevel problem ``min_x f(x, y*(x))``, ``y*(x) = argmin_y g(x, y)``.
+
+    Args:
+        outer: ``f(x, y, batch) -> scalar Tensor``, the upper-level (validation) loss.
+        inner: ``g(x, y, batch) -> scalar Tensor``, the lower-level (training) loss,
+            assumed strongly convex in ``y`` by the theory of every method here.
+
+    ``x`` and ``y`` are ``dict[str, Tensor]``.  ``problem.outer`` / ``problem.inner``
+    are the objectives wrapped so that each call checks it returned a scalar tensor
+    (TypeError / ValueError otherwise); the originals are ``outer_fn`` / ``inner_fn``.
+    """
+    __slots__ = ("outer", "inner", "outer_fn", "inner_fn")
+
+    def __init__(self, outer: Objective, inner: Objective):
+        for name, fn in (("outer", outer), ("inner", inner)):
+            if not callable(fn):
+                raise TypeError(f"Bilevel({name}=...) must be callable (x, y, batch) -> scalar Tensor, "
+                                f"got {type(fn).__name__}")
+        self.outer_fn, self.inner_fn = outer, inner
+        self.outer = _checked_scalar(outer, "outer")
+        self.inner = _checked_scalar(inner, "inner")
+
+    def __repr__(self):
+        name = lambda fn: getattr(fn, "__qualname__", repr(fn))
+        return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)})"
+
+
+def check_problem(problem) -> Bilevel:
+    """Raise TypeError unless ``problem`` is a :class:`Bilevel`."""
+    if not isinstance(problem, Bilevel):
+        raise TypeError(f"problem must be a torchbilevel.Bilevel, got {type(problem).__name__}")
+    return problem
+
+
+__all__.append("check_problem")
+
+
+def draw(batch):
+    """A fresh sample from ``batch`` when it is an iterator (``next``), else ``batch`` itself.
+
+    This is the library's batching rule: pass an iterator to get a new minibatch each
+    time a method needs fresh samples; pass anything else for full-batch evaluation.
+    """
+    if isinstance(batch, collections.abc.Iterator):
+        try:
+            return next(batch)
+        except StopIteration:
+            raise ValueError("a batch iterator was exhausted: pass an infinite iterator "
+                             "(e.g. itertools.cycle or a generator with `while True`)") from None
+    return batch
+
+
+def check_params(x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> None:
+    """Validate the outer and inner parameter dicts (before any work is done).
+
+    Both must be non-empty dicts of floating-point tensors of one dtype and device.
+    """
+    for name, d in (("x", x), ("y", y)):
+        if not isinstance(d, collections.abc.Mapping):
+            raise TypeError(f"{name} must be a dict[str, Tensor], got {type(d).__name__}")
+        if len(d) == 0:
+            raise ValueError(f"{name} is an empty dict: nothing to optimise")
+        for k, t in d.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{k!r}] must be a torch.Tensor, got {type(t).__name__}")
+            if not torch.is_floating_point(t):
+                raise TypeError(f"{name}[{k!r}] has dtype {t.dtype}; torchbilevel needs floating-point "
+                                f"parameters")
+    dtypes = {t.dtype for t in x.values()} | {t.dtype for t in y.values()}
+    if len(dtypes) > 1:
+        raise TypeError(f"x and y must share one floating dtype, got {sorted(map(str, dtypes))}")
+    devices = {t.device for t in x.values()} | {t.device for t in y.values()}
+    if len(devices) > 1:
+        raise ValueError(f"x and y must live on one device, got {sorted(map(str, devices))}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_steps(value, name: str, minimum: int = 1) -> int:
+    """An integer step count >= minimum, or ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive(value, name: str, allow_schedule: bool = False):
+    """A finite number > 0 (or, when allowed, a callable schedule ``t -> number``)."""
+    if allow_schedule and callable(value):
+        return value
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a positive number{' or a callable of the step t' if allow_schedule else ''}, "
+                        f"got {value!r}")
+    if not (value > 0) or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_unit(value, name: str, allow_schedule: bool = False):
+    """A number in [0, 1] (or, when allowed, a callable schedule ``t -> number``)."""
+    if allow_schedule and callable(value):
+        return value
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def in_functorch_transform() -> bool:
+    """True inside torch.func transforms (vmap, grad, jvp, ...), where we must use the
+    torch.func mechanism and cannot read values on the host."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def check_finite(where: str, *trees: Mapping[str, Tensor]) -> None:
+    """Raise FloatingPointError if any entry is NaN/inf (one host read; skipped inside
+    torch.func transforms, where values cannot be inspected)."""
+    if in_functorch_transform():
+        return
+    if not bool(T.all_finite(*trees)):
+        raise FloatingPointError(f"non-finite values (NaN or inf) in {where}")
+
+
+__all__.append("check_finite")
