@@ -1,0 +1,19 @@
+"""The shape every algorithm shares (optax-like): pure ``init`` and ``step`` functions
+over an explicit NamedTuple state, plus checkpoint helpers."""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+
+class Algorithm(NamedTuple):
+    """``state = init(x, y)``; ``state = step(state, inner_batch, outer_batch)``.
+
+    ``state_dict(state)`` returns a dict that ``torch.save`` writes (including the state
+    of random generators the algorithm owns); ``load_state_dict(d)`` returns the state and
+    restores those generators, so a resumed run continues bit-identically on CPU.
+    """
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    state_dict: Callable[[Any], dict]
+    load_state_dict: Callable[[dict], Any]
+    name: str

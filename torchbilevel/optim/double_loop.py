@@ -1,0 +1,106 @@
+"""Double-loop bilevel optimisation (Ji, Yang, Liang 2021, Alg. 1 and 2): D warm-started
+inner (S)GD steps, then a hypergradient estimate and one outer step.
+
+    y_k^0 = y_{k-1}^D;  y^t = y^{t-1} − β ∇y g(x_k, y^{t-1}; S_{t-1})   (Alg. 1 l. 3-5, Alg. 2 l. 3-6)
+    x_{k+1} = x_k − α ∇̂Φ(x_k)                                            (Alg. 1 l. 8, Alg. 2 l. 13)
+
+AID and stocBiO warm-start the linear-system solution too (v_k^0 = v_{k-1}^N).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import tree as T
+from ..derivatives import grad_y
+from ..estimators import AID, is_estimator
+from ..hypergrad import check_hypergradient, hypergrad
+from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
+from .algorithm import Algorithm
+from .outer import OUTER_RULES, OuterState, outer_init, outer_update
+from .schedule import value_at
+
+
+class DoubleLoopState(NamedTuple):
+    """x, y: current outer and inner parameters (dicts); v: the warm start of the linear
+    system (AID) or None; outer: the outer rule's state; step: steps taken so far."""
+    x: T.Tree
+    y: T.Tree
+    v: Optional[T.Tree]
+    outer: OuterState
+    step: int
+
+
+def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
+                outer: str = "sgd", betas=(0.9, 0.999), eps: float = 1e-8,
+                warm_start_v: bool = True, check_finite: bool = True) -> Algorithm:
+    """AID-BiO, ITD-BiO, stocBiO and PZOBO(-S) as a double loop with warm starts.
+
+    Args:
+        problem: a :class:`torchbilevel.Bilevel`.
+        estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)`` or ``tb.pzobo(...)``.
+        lr_x: outer step size α (number or callable of the step k).
+        inner_steps: D, warm-started inner gradient steps before each estimate (0 allowed:
+            ITD and PZOBO run their own ``steps`` inner steps inside the estimate, and their
+            final inner iterate is the next warm start).
+        lr_y: inner step size β (number or callable of k).
+        outer: ``"sgd"`` (the papers' update) or ``"adam"``.
+        betas, eps: Adam's parameters.
+        warm_start_v: start each linear solve from the previous solution (Alg. 1, AID 1)).
+        check_finite: raise FloatingPointError (state untouched) if a step produces NaN/inf.
+
+    Each call of ``step`` draws ``inner_steps`` inner batches (when ``inner_batch`` is an
+    iterator) and what the estimator needs.
+    """
+    check_problem(problem)
+    if not is_estimator(estimator):
+        raise TypeError("estimator must be tb.aid(...), tb.itd(...), tb.stocbio(...) or tb.pzobo(...), "
+                        f"got {type(estimator).__name__}")
+    lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
+    lr_y = check_positive(lr_y, "lr_y", allow_schedule=True)
+    inner_steps = check_steps(inner_steps, "inner_steps", minimum=0)
+    if outer not in OUTER_RULES:
+        raise ValueError(f"outer must be one of {OUTER_RULES}, got {outer!r}")
+    check_positive(eps, "eps")
+    hg = hypergrad(problem, estimator, has_aux=True, check_finite=False)
+    generator = getattr(estimator, "generator", None)
+
+    def init(x, y) -> DoubleLoopState:
+        check_params(x, y)
+        return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0)
+
+    def step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
+        if not isinstance(state, DoubleLoopState):
+            raise TypeError(f"state must come from init(), got {type(state).__name__}")
+        k = state.step
+        beta = value_at(lr_y, k, "lr_y")
+        x, y = state.x, state.y
+        for _ in range(inner_steps):
+            gy = grad_y(problem.inner, x, y, draw(inner_batch))
+            y = T.axpy(-beta, gy, y)
+        v0 = state.v if (warm_start_v and isinstance(estimator, AID)) else None
+        dx, aux = hg(x, y, inner_batch, outer_batch, v0=v0)
+        if check_finite and not in_functorch_transform() and not bool(T.all_finite(dx, y)):
+            check_hypergradient(dx, aux._replace(y=y))   # names the stage
+            raise FloatingPointError("non-finite values in the inner iterate")
+        x_new, opt = outer_update(outer, state.outer, x, dx, value_at(lr_x, k, "lr_x"), betas, eps)
+        v_new = {kk: t.detach() for kk, t in aux.v.items()} if aux.v is not None else None
+        return DoubleLoopState(x_new, aux.y, v_new, opt, k + 1)
+
+    def state_dict(state: DoubleLoopState) -> dict:
+        # plain dicts, tensors and ints only: torch.load(weights_only=True) reads it back
+        d = {"algorithm": "double_loop", "x": state.x, "y": state.y, "v": state.v,
+             "outer": state.outer._asdict(), "step": state.step}
+        if generator is not None:
+            d["generator"] = generator.get_state()
+        return d
+
+    def load_state_dict(d: dict) -> DoubleLoopState:
+        if not isinstance(d, dict) or d.get("algorithm") != "double_loop":
+            raise ValueError("not a double_loop checkpoint (expected the dict of state_dict())")
+        if generator is not None and "generator" in d:
+            generator.set_state(d["generator"])
+        return DoubleLoopState(d["x"], d["y"], d["v"], OuterState(**d["outer"]), d["step"])
+
+    return Algorithm(init, step, state_dict, load_state_dict, f"double_loop({type(estimator).__name__})")
