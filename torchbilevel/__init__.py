@@ -7,7 +7,7 @@ See README.md for the methods, their papers and costs.
 from . import derivatives, nn, tree
 from .estimators import HypergradAux, aid, itd, pzobo, stocbio
 from .hypergrad import hypergrad
-from .optim import Algorithm, DoubleLoopState, double_loop
+from .optim import Algorithm, DoubleLoopState, SingleLoopState, double_loop, fdehbo, fmbo
 from .optim import schedule as schedules
 from .problem import Bilevel
 from .solvers import cg, fixed_point
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "hypergrad",
            "HypergradAux", "tree", "derivatives", "nn", "double_loop", "DoubleLoopState",
-           "Algorithm", "schedules"]
+           "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState"]

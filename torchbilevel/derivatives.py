@@ -16,7 +16,7 @@ from . import tree as T
 from .problem import in_functorch_transform
 
 __all__ = ["Linearization", "linearize", "grad_y", "grads", "hvp", "mixed", "hvp_and_mixed",
-           "fd_delta", "fd_products"]
+           "fd_delta", "fd_delta_from_norms", "fd_products"]
 
 
 def grad_y(fn, x, y, batch) -> T.Tree:
@@ -126,22 +126,28 @@ def hvp_and_mixed(g, x, y, v, batch):
     return hv, jv
 
 
+def fd_delta_from_norms(y_norm: Tensor, v_norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """δ = ε^(1/3)·(1 + ‖y‖) / ‖v‖ (see :func:`fd_delta`), with ‖v‖ clamped away from 0."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.finfo(work).eps
+    tiny = torch.finfo(torch.float32).tiny ** 0.5      # δ stays finite in float32 when v = 0
+    return eps ** (1.0 / 3.0) * (1.0 + y_norm.to(work)) / torch.clamp(v_norm.to(work), min=tiny)
+
+
 def fd_delta(y: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> Tensor:
     """Default finite-difference step δ (a 0-d tensor, no host synchronisation).
 
     Rule: the perturbation δ·v has norm ε^(1/3)·(1 + ‖y‖), where ε is the machine
-    epsilon of y's dtype (float32 at least) — the step that balances the O(δ²)
-    truncation error of a central difference against its O(ε/δ) rounding error,
-    relative to the scale of y.  δ is computed in float32 (or float64 for float64 y).
-    ``v = 0`` gives a finite δ (and a zero product).
+    epsilon of y's dtype (float32 at least: half-precision y still gets a float32 δ) —
+    the step that balances the O(δ²) truncation error of a central difference against its
+    O(ε/δ) rounding error, relative to the scale of y.  ``v = 0`` gives a finite δ (and a
+    zero product).
     """
     dtype = next(iter(y.values())).dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    eps = torch.finfo(work).eps
     ny = T.norm({k: t.to(work) for k, t in y.items()})
     nv = T.norm({k: t.to(work) for k, t in v.items()})
-    tiny = torch.finfo(work).tiny ** 0.5
-    return eps ** (1.0 / 3.0) * (1.0 + ny) / torch.clamp(nv, min=tiny)
+    return fd_delta_from_norms(ny, nv, dtype)
 
 
 class FDProducts(NamedTuple):
