@@ -12,8 +12,11 @@ the mixed-dtype elementwise ops, and the results are rounded to the storage
 dtype once at the end. No input is written to.
 
 The recursive-momentum updates use the algebraically identical form
-``eta·a + (1−eta)·(h + a − b) = a + (1−eta)·(h − b)``, which needs one pass
-less and returns exactly ``a`` when ``eta = 1`` (finite inputs).
+``eta·a + (1−eta)·(h + a − b) = a + (1−eta)·h − (1−eta)·b``: fewer passes,
+and exactly ``a`` when ``eta = 1`` (finite inputs). Finite differences are
+always formed before their large ``1/(2δ)`` scale is applied. Only fresh
+temporaries are written in place (no ``out=``), so the functions also run under
+autograd and ``torch.func`` transforms.
 """
 from __future__ import annotations
 
@@ -39,21 +42,18 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, s
     """Reference of :func:`torchbilevel.kernels.inner_update`; returns (y_new, w, h_g_new, h_R_new, w_sqnorm)."""
     dtype = y.dtype
     g = _store(grads, compute_dtype(dtype))  # upcast the stacked rows once
+    keep_g, keep_R = 1.0 - eta_g, 1.0 - eta_R
     if fd:
-        # rows 2,4 minus rows 3,5 -> (2, d) = [gp_cur - gm_cur, gp_prev - gm_prev]
-        r = torch.sub(g[2:6:2], g[3:6:2])
-        r[0].mul_(scale_cur)  # eq. (9): H_cur = (gp_cur − gm_cur) / (2δ_t)
-        r[1].mul_(scale_prev)  # eq. (9): H_prev = (gp_prev − gm_prev) / (2δ_{t−1})
-        r.sub_(g[6:8])  # eq. (8): R = H − ∇y f, cur and prev
+        # the difference first (exact for nearby values), then the large 1/(2δ) scale
+        r_cur = torch.sub(g[2], g[3]).mul_(scale_cur).sub_(g[6])  # eq. (9), (8): (gp − gm)/(2δ_t) − ∇y f
+        r_prev = torch.sub(g[4], g[5]).mul_(scale_prev).sub_(g[7])  # eq. (9), (8) at t−1, δ_{t−1}
     else:
-        r = torch.sub(g[2:4], g[4:6])  # eq. (5): R = ∇yy g·v − ∇y f, cur and prev
-    h_g_new = torch.sub(h_g, g[1])
-    torch.add(g[0], h_g_new, alpha=1.0 - eta_g, out=h_g_new)  # eq. (6): gy_cur + (1−η_g)(h_g − gy_prev)
-    h_R_new = torch.sub(h_R, r[1])
-    torch.add(r[0], h_R_new, alpha=1.0 - eta_R, out=h_R_new)  # eq. (7)/(12): R_cur + (1−η_R)(h_R − R_prev)
+        r_cur = torch.sub(g[2], g[4])  # eq. (5): ∇yy g·v − ∇y f
+        r_prev = torch.sub(g[3], g[5])  # eq. (5) at t−1
+    h_g_new = torch.add(g[0], h_g, alpha=keep_g).sub_(g[1], alpha=keep_g)  # eq. (6): gy + (1−η_g)(h_g − gy_prev)
+    h_R_new = r_cur.add_(h_R, alpha=keep_R).sub_(r_prev, alpha=keep_R)  # eq. (7)/(12): R + (1−η_R)(h_R − R_prev)
     y_new = torch.add(y, h_g_new, alpha=-beta)  # Alg. 1 line 4: y − β h_g
-    w = torch.add(v, h_R_new, alpha=-lam)  # Alg. 1 line 5: w = v − λ h_R
-    w = _store(w, dtype)
+    w = _store(torch.add(v, h_R_new, alpha=-lam), dtype)  # Alg. 1 line 5: w = v − λ h_R
     return _store(y_new, dtype), w, _store(h_g_new, dtype), _store(h_R_new, dtype), _sqnorm(w)
 
 
@@ -61,14 +61,15 @@ def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd):
     """Reference of :func:`torchbilevel.kernels.outer_update`; returns (x_new, h_f_new)."""
     dtype = x.dtype
     g = _store(grads, compute_dtype(dtype))
+    keep = 1.0 - eta_f
+    # eq. (10)/(13) as F_cur + (1−η_f)h_f − (1−η_f)F_prev, with F = ∇x f − J (eq. (3)) expanded
+    h_f_new = torch.add(g[0], h_f, alpha=keep).sub_(g[1], alpha=keep)  # ∇x f terms + momentum
     if fd:
-        f = torch.sub(g[2:6:2], g[3:6:2])  # (2, p) = [gxp_cur − gxm_cur, gxp_prev − gxm_prev]
-        torch.add(g[0], f[0], alpha=-scale_cur, out=f[0])  # eq. (11), (3): F_cur = ∇x f − J̃_cur
-        torch.add(g[1], f[1], alpha=-scale_prev, out=f[1])  # eq. (11), (3): F_prev = ∇x f − J̃_prev
+        # J̃ = (gxp − gxm)/(2δ), eq. (11): the difference first, then the large scale
+        h_f_new.sub_(torch.sub(g[2], g[3]), alpha=scale_cur)  # − J̃_cur
+        h_f_new.add_(torch.sub(g[4], g[5]), alpha=keep * scale_prev)  # + (1−η_f) J̃_prev
     else:
-        f = torch.sub(g[0:2], g[2:4])  # eq. (3): F = ∇x f − ∇xy g·v, cur and prev
-    h_f_new = torch.sub(h_f, f[1])
-    torch.add(f[0], h_f_new, alpha=1.0 - eta_f, out=h_f_new)  # eq. (10)/(13): F_cur + (1−η_f)(h_f − F_prev)
+        h_f_new.sub_(g[2]).add_(g[3], alpha=keep)  # − ∇xy g·v_cur + (1−η_f) ∇xy g·v_prev, eq. (3)
     x_new = torch.add(x, h_f_new, alpha=-alpha)  # Alg. 1 line 7: x − α h_f
     return _store(x_new, dtype), _store(h_f_new, dtype)
 

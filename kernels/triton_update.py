@@ -76,8 +76,8 @@ def _inner_kernel(
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h_g = tl.load(hg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h_r = tl.load(hr_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    hg_new = gy_cur + keep_g * (h_g - gy_prev)  # eq. (6): η a + (1−η)(h + a − b) = a + (1−η)(h − b)
-    hr_new = r_cur + keep_r * (h_r - r_prev)  # eq. (7)/(12), same rearrangement
+    hg_new = gy_cur + keep_g * h_g - keep_g * gy_prev  # eq. (6): η a + (1−η)(h + a − b) = a + (1−η)h − (1−η)b
+    hr_new = r_cur + keep_r * h_r - keep_r * r_prev  # eq. (7)/(12), same rearrangement
     y_new = y - beta * hg_new  # Alg. 1 line 4: y − β h_g
     w = (v - lam * hr_new).to(w_out.dtype.element_ty)  # Alg. 1 line 5: w = v − λ h_R, as stored
     tl.store(y_out + offs, y_new.to(y_out.dtype.element_ty), mask=mask)
@@ -120,7 +120,7 @@ def _outer_kernel(
         f_prev = fx_prev - jv_prev  # eq. (3) at the previous iterate
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h_f = tl.load(hf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    hf_new = f_cur + keep_f * (h_f - f_prev)  # eq. (10)/(13): F_cur + (1−η_f)(h_f − F_prev)
+    hf_new = f_cur + keep_f * h_f - keep_f * f_prev  # eq. (10)/(13): F_cur + (1−η_f)(h_f − F_prev)
     x_new = x - alpha * hf_new  # Alg. 1 line 7: x − α h_f
     tl.store(x_out + offs, x_new.to(x_out.dtype.element_ty), mask=mask)
     tl.store(hf_out + offs, hf_new.to(hf_out.dtype.element_ty), mask=mask)

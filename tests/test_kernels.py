@@ -157,6 +157,30 @@ def test_projection_at_zero_and_infinite_radius():
     assert torch.equal(v, w) and v.data_ptr() != w.data_ptr()
 
 
+def test_reference_composes_with_vmap_and_autograd():
+    """No out= and no writes to inputs: the CPU path runs under torch.func.vmap and autograd."""
+    B, d = 3, 6
+    args, kw = make_inner(B * d, True, torch.float64)
+    batched = [a.reshape(B, d) if a.dim() == 1 else a.reshape(8, B, d).transpose(0, 1).contiguous() for a in args]
+
+    def inner(*a):
+        return K.inner_update(*a, **kw, backend="torch")
+
+    out = torch.func.vmap(inner)(*batched)
+    for i in range(B):
+        for got, exp in zip(out, inner(*(t[i] for t in batched))):
+            torch.testing.assert_close(got[i], exp)
+    y, v, h_g, h_R, grads = (t[0].clone() for t in batched)
+    v.requires_grad_(True)
+    grads.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v_, g_: inner(y, v_, h_g, h_R, g_)[1:], (v, grads))
+    oargs, okw = make_outer(5, True, torch.float64)
+    x, h_f, og = (t.clone().requires_grad_(True) for t in oargs)
+    assert torch.autograd.gradcheck(lambda *a: K.outer_update(*a, **okw, backend="torch"), (x, h_f, og))
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w_: K.project_ball(w_, (w_ * w_).sum(), 0.5, backend="torch"), (w,))
+
+
 # ---------------------------------------------------------------- Triton (interpreter) vs reference
 
 def _sizes():
