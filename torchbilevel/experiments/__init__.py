@@ -1,1 +1,25 @@
-"""Experiments from the papers, as library code (see README)."""
+"""Experiments from the papers, as library code.
+
+Each experiment is a module with a config dataclass and ``run(config,
+progress=None) -> list[dict]``: a tidy record, one row per (method,
+evaluation) with ``method``, ``step``, ``seconds`` (optimisation time only)
+and the experiment's metrics.
+
+* ``hyperclean``: data hyper-cleaning on MNIST-5k (stocBiO paper app. A.2, FdeHBO paper §4.2)
+* ``shallow_hr``: shallow hyper-representation, synthetic (Hessian-free paper §4.1)
+* ``deep_hr``: deep hyper-representation, LeNet on MNIST-5k (FdeHBO §4.1, Hessian-free §4.2)
+* ``weight_decay``: per-feature weight decay, logistic regression (stocBiO paper app. A.2)
+
+``python -m torchbilevel demo`` / ``python -m torchbilevel run NAME`` run them.
+"""
+from . import deep_hr, hyperclean, shallow_hr, weight_decay
+
+__all__ = ["EXPERIMENTS", "deep_hr", "hyperclean", "shallow_hr", "weight_decay"]
+
+# name -> (module, config class); every module has run(config, progress=None)
+EXPERIMENTS = {
+    "hyperclean": (hyperclean, hyperclean.HypercleanConfig),
+    "shallow_hr": (shallow_hr, shallow_hr.ShallowHRConfig),
+    "deep_hr": (deep_hr, deep_hr.DeepHRConfig),
+    "weight_decay": (weight_decay, weight_decay.WeightDecayConfig),
+}

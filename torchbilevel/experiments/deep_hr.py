@@ -1,0 +1,163 @@
+"""Deep hyper-representation on MNIST-5k (FdeHBO paper 001 §4.1; Hessian-free paper 000 §4.2).
+
+The outer variable λ is the body of a LeNet (two conv layers, two fully
+connected layers) that extracts features; the inner variable w is a linear
+classification head on those features:
+
+    inner  g(λ, w) = mean_{S_inner} CE(w · body(λ; a), b) + reg ‖w‖²      (001 §4.1, + L2)
+    outer  f(λ, w) = mean_{S_outer} CE(w · body(λ; a), b)                  (001 §4.1)
+
+All methods are stochastic (minibatch streams for both levels). The paper's
+outer accuracy is reported, plus test accuracy of the same network.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchbilevel as tb
+
+from .. import datasets
+from . import metrics
+from .methods import LABELS as METHOD_LABELS
+from .methods import Hyper, build, check_names
+from .runner import Method, run_methods
+from .streams import minibatches
+
+__all__ = ["DeepHRConfig", "LABELS", "METHODS", "lenet", "make_data", "initial_point",
+           "inner_loss", "outer_loss", "evaluate", "run"]
+
+LABELS = {k: METHOD_LABELS[k] for k in ("fdehbo", "pzobo_s", "stocbio", "aid_cg")}
+METHODS = tuple(LABELS)
+
+
+@dataclasses.dataclass
+class DeepHRConfig:
+    """Settings of one deep hyper-representation run.
+
+    Double-loop methods (PZOBO-S, stocBiO, AID-CG on minibatches): ``inner_steps``
+    head GD steps of ``lr_y``, then an outer ``outer`` step of ``lr_x`` on the
+    body. FdeHBO: single loop with ``single_*`` step sizes.
+    """
+
+    n_inner: int = 2500
+    n_outer: int = 1500
+    n_test: int = 1000
+    batch_size: int = 128
+    reg: float = 1e-3
+    methods: Sequence[str] = METHODS
+    steps: int = 5000
+    seconds: float | None = 60.0
+    eval_every: int = 25
+    eval_seconds: float | None = 2.0
+    inner_steps: int = 5
+    solver_steps: int = 5
+    lr_y: float = 0.1
+    lr_x: float = 1e-3
+    outer: str = "adam"
+    mu: float = 0.01
+    single_lr_x: float = 0.05
+    single_lr_y: float = 0.1
+    single_lr_v: float = 0.1
+    single_eta: float = 0.5
+    radius: float = 10.0
+    seed: int = 0
+    device: str = "cpu"
+
+
+def lenet() -> nn.Module:
+    """LeNet for 28×28 digits: ``body`` (conv-pool-conv-pool-fc-fc, 84 features) and ``head``."""
+    body = nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
+    return nn.Sequential(nn.ModuleDict({"body": body, "head": nn.Linear(84, 10)}))
+
+
+class _LeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        parts = lenet()[0]
+        self.body, self.head = parts["body"], parts["head"]
+
+    def forward(self, images):
+        return self.head(self.body(images))
+
+
+def make_data(cfg: DeepHRConfig) -> dict:
+    """MNIST-5k as 1×28×28 images, split inner / outer / test (seeded shuffle)."""
+    feats, labels = datasets.load_mnist5k(seed=cfg.seed)
+    images = feats.view(-1, 1, 28, 28)
+    parts = datasets.split(images, labels, [cfg.n_inner, cfg.n_outer, cfg.n_test])
+    dev = torch.device(cfg.device)
+    return {name: tuple(t.to(dev) for t in part)
+            for name, part in zip(("inner", "outer", "test"), parts)}
+
+
+def initial_point(cfg: DeepHRConfig) -> tuple[nn.Module, dict, dict]:
+    """A seeded LeNet and its (body, head) parameter dicts (x, y)."""
+    torch.manual_seed(cfg.seed)
+    model = _LeNet().to(cfg.device)
+    x, y = tb.nn.split(model, inner=["head"])
+    return model, {k: v.clone() for k, v in x.items()}, {k: v.clone() for k, v in y.items()}
+
+
+def inner_loss(model: nn.Module, reg: float):
+    """g(λ, w) = CE of the head on the body's features + reg ‖w‖²  (001 §4.1)."""
+
+    def g(x, y, batch):
+        images, labels = batch
+        logits = tb.nn.call(model, x, y, images)
+        return F.cross_entropy(logits, labels) + reg * sum((v * v).sum() for v in y.values())
+
+    return g
+
+
+def outer_loss(model: nn.Module):
+    """f(λ, w) = outer-set CE  (001 §4.1)."""
+
+    def f(x, y, batch):
+        images, labels = batch
+        return F.cross_entropy(tb.nn.call(model, x, y, images), labels)
+
+    return f
+
+
+def evaluate(model: nn.Module, data: dict):
+    """Metrics: loss and accuracy on the outer set and on the test set."""
+
+    def metrics_of(x, y):
+        out = {}
+        for name in ("outer", "test"):
+            images, labels = data[name]
+            logits = tb.nn.call(model, x, y, images)
+            out[f"{name}_loss"] = metrics.cross_entropy(logits, labels)
+            out[f"{name}_acc"] = metrics.accuracy(logits, labels)
+        return out
+
+    return metrics_of
+
+
+def run(cfg: DeepHRConfig, progress=None) -> list[dict]:
+    """Run every configured method from the same LeNet; rows of (method, step, seconds, metrics)."""
+    check_names(cfg.methods, METHODS)
+    data = make_data(cfg)
+    model, x0, y0 = initial_point(cfg)
+    problem = tb.Bilevel(outer=outer_loss(model), inner=inner_loss(model, cfg.reg))
+    hp = Hyper(lr_x=cfg.lr_x, lr_y=cfg.lr_y, inner_steps=cfg.inner_steps,
+               solver_steps=cfg.solver_steps, outer=cfg.outer, mu=cfg.mu, seed=cfg.seed,
+               device=cfg.device, single_lr_x=cfg.single_lr_x, single_lr_y=cfg.single_lr_y,
+               single_lr_v=cfg.single_lr_v, single_eta=cfg.single_eta, radius=cfg.radius)
+    methods = []
+    for k, key in enumerate(cfg.methods):
+        inner = minibatches(*data["inner"], batch_size=min(cfg.batch_size, cfg.n_inner),
+                            seed=cfg.seed + 100 + k)
+        outer = minibatches(*data["outer"], batch_size=min(cfg.batch_size, cfg.n_outer),
+                            seed=cfg.seed + 200 + k)
+        methods.append(Method(LABELS[key], build(key, problem, hp), inner, outer, cfg.steps,
+                              cfg.eval_every, cfg.eval_seconds))
+    return run_methods(methods, x0, y0, evaluate(model, data), cfg.seconds, progress, cfg.device)
