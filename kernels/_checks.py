@@ -53,7 +53,11 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def check_grads(grads: torch.Tensor, rows: int, ref_name: str, ref: torch.Tensor, fd: bool) -> None:
-    """The stacked gradient rows: a contiguous (rows, n) tensor matching ``ref``."""
+    """The stacked gradient rows: a (rows, n) tensor matching ``ref``.
+
+    Each row must be contiguous and rows must not overlap; a row stride larger
+    than n (a row-padded buffer, ``buf[:, :n]``) is accepted.
+    """
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
     expected = (rows, ref.numel())
@@ -66,8 +70,12 @@ def check_grads(grads: torch.Tensor, rows: int, ref_name: str, ref: torch.Tensor
         raise ValueError(f"grads must have the dtype of {ref_name} ({ref.dtype}), got {grads.dtype}")
     if grads.device != ref.device:
         raise ValueError(f"grads must be on the device of {ref_name} ({ref.device}), got {grads.device}")
-    if not grads.is_contiguous():
-        raise ValueError("grads must be contiguous (rows stacked one after the other)")
+    n = ref.numel()
+    if (grads.stride(1) != 1 and n > 1) or grads.stride(0) < n:
+        raise ValueError(
+            f"grads must hold contiguous, non-overlapping rows (strides (s, 1) with s >= {n}), "
+            f"got strides {grads.stride()}"
+        )
 
 
 def check_fd(fd: bool) -> bool:

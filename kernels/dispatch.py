@@ -101,7 +101,9 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, s
         v: linear-system iterate v_t, like ``y``.
         h_g: momentum h^g_{t-1}, like ``y``.
         h_R: momentum h^R_{t-1}, like ``y``.
-        grads: contiguous stacked rows of length d, dtype and device of ``y``.
+        grads: stacked rows of length d, dtype and device of ``y``; contiguous,
+            or a row-padded view ``buf[:, :d]`` (a row stride that is a multiple
+            of 16 elements lets the GPU kernel use vector loads).
             fd=True, shape (8, d): gy_cur = ∇y g(x_t, y_t; ζ_t), gy_prev =
             ∇y g(x_{t-1}, y_{t-1}; ζ_t), gp_cur = ∇y g(x_t, y_t + δ_t v_t; ψ_t),
             gm_cur = ∇y g(x_t, y_t − δ_t v_t; ψ_t), gp_prev, gm_prev (the same at
@@ -163,7 +165,8 @@ def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd, back
         x: outer iterate x_t, flat contiguous 1-D buffer of length p (float16,
             bfloat16, float32 or float64; the storage dtype).
         h_f: momentum h^f_{t-1}, like ``x``.
-        grads: contiguous stacked rows of length p, dtype and device of ``x``.
+        grads: stacked rows of length p, dtype and device of ``x``; contiguous or
+            a row-padded view ``buf[:, :p]``.
             fd=True, shape (6, p): fx_cur = ∇x f(x_t, y_t), fx_prev = ∇x f(x_{t-1},
             y_{t-1}) (same sample), gxp_cur = ∇x g(x_t, y_t + δ_t v_t), gxm_cur =
             ∇x g(x_t, y_t − δ_t v_t), gxp_prev, gxm_prev (previous iterate, δ_{t-1}, v_{t-1}).

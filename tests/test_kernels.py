@@ -265,6 +265,28 @@ def test_triton_projection_matches_reference(tri, d, active, dtype):
         assert torch.linalg.vector_norm(got).item() <= radius * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_padded_grads(backend):
+    """grads may be buf[:, :n] of a row-padded buffer: same result as the contiguous rows."""
+    if backend == "triton" and not (HAS_TRITON and K.dispatch._triton().INTERPRETED):
+        pytest.skip("the interpreted Triton backend is not available")
+    d = 37
+    args, kw = make_inner(d, True, seed=11)
+    buf = torch.full((8, 48), float("nan"))  # padding must never be read
+    buf[:, :d] = args[4]
+    padded = buf[:, :d]
+    got = K.inner_update(*args[:4], padded, **kw, backend=backend)
+    want = K.inner_update(*args, **kw, backend=backend)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    oargs, okw = make_outer(d, False, seed=12)
+    obuf = torch.full((4, 40), float("nan"))
+    obuf[:, :d] = oargs[2]
+    got = K.outer_update(oargs[0], oargs[1], obuf[:, :d], **okw, backend=backend)
+    for g, w in zip(got, K.outer_update(*oargs, **okw, backend=backend)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_triton_projection_of_zero_is_finite(tri):
     w = torch.zeros(_block() + 1)
     v = K.project_ball(w, torch.zeros(()), 0.1, backend="triton")
@@ -365,7 +387,9 @@ def test_validation_names_the_argument():
     with pytest.raises(ValueError, match="grads"):
         call(grads=grads[:6])  # fd=True needs 8 rows
     with pytest.raises(ValueError, match="grads"):
-        call(grads=torch.randn(6, 8).t())  # non-contiguous
+        call(grads=torch.randn(6, 8).t())  # rows not contiguous
+    with pytest.raises(ValueError, match="grads"):
+        call(grads=grads[:1].expand(8, 6))  # overlapping rows
     with pytest.raises(ValueError, match="h_g"):
         call(h_g=h_g.double())
     with pytest.raises(ValueError, match="h_R"):
