@@ -118,7 +118,7 @@ class Raveled(NamedTuple):
             raise ValueError(f"flat buffer has {flat.shape[-1]} entries, layout expects {self.numel}")
         lead = flat.shape[:-1]
         return {
-            k: flat[..., o:o + math.prod(s)].view(*lead, *s)
+            k: flat[..., o:o + math.prod(s)].view((*lead, *s))   # a tuple: 0-d shapes too
             for k, s, o in zip(self.keys, self.shapes, self.offsets)
         }
 
@@ -156,7 +156,7 @@ def ravel_like(layout: Raveled, tree: Mapping[str, Tensor]) -> Tensor:
     for k, s in zip(layout.keys, layout.shapes):
         t = tree[k]
         lead = t.shape[: t.dim() - len(s)]
-        parts.append(t.reshape(*lead, -1))
+        parts.append(t.reshape(*lead, math.prod(s)))   # explicit size: empty tensors too
     return torch.cat(parts, dim=-1)
 
 
