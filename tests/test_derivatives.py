@@ -1,0 +1,217 @@
+"""torchbilevel.derivatives: exact and finite-difference products against dense float64
+Hessian blocks of a nonlinear inner objective."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchbilevel import derivatives as D
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------- the test problem
+# Logistic regression on x-dependent features tanh(X A), per-coordinate L2 weights exp(loglam),
+# a bias b that is a 0-d tensor: nonlinear in x and y, multi-tensor dicts on both sides.
+X_SHAPES = {"A": (4, 3), "loglam": (3,)}
+Y_SHAPES = {"w": (3,), "b": ()}
+
+
+def g(x, y, batch):
+    X, t = batch
+    logits = torch.tanh(X @ x["A"]) @ y["w"] + y["b"]
+    return F.softplus(-t * logits).mean() + 0.5 * (torch.exp(x["loglam"]) * y["w"] ** 2).sum() + 0.05 * y["b"] ** 2
+
+
+def unflat(vec, shapes):
+    out, i = {}, 0
+    for k, s in shapes.items():
+        n = math.prod(s)
+        out[k] = vec[i:i + n].reshape(s)
+        i += n
+    return out
+
+
+def flat(tree):
+    return torch.cat([t.reshape(-1) for t in tree.values()])
+
+
+def dense_blocks(x, y, batch):
+    """(∇yy g, ∇xy g) as dense float64 matrices, from torch.autograd.functional.hessian."""
+    G = lambda xf, yf: g(unflat(xf, X_SHAPES), unflat(yf, Y_SHAPES), batch)
+    (_, hxy), (_, hyy) = torch.autograd.functional.hessian(G, (flat(x), flat(y)))
+    return hyy, hxy          # hxy[i, j] = ∂²g / ∂x_i ∂y_j
+
+
+def setup(seed=0, n=20):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=DT)
+    batch = (r(n, 4), torch.where(r(n) > 0, 1.0, -1.0).to(DT))
+    x = {"A": r(4, 3), "loglam": 0.3 * r(3)}
+    y = {"w": r(3), "b": r(())}
+    v = {"w": r(3), "b": r(())}
+    return x, y, v, batch
+
+
+def clones(tree):
+    return {k: t.clone() for k, t in tree.items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) and a[k].requires_grad == b[k].requires_grad
+
+
+def assert_close_flat(tree, ref, rtol=1e-10, atol=1e-12):
+    torch.testing.assert_close(flat(tree), ref, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- exact products
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hvp_mixed_against_dense_hessian(seed):
+    x, y, v, batch = setup(seed)
+    hyy, hxy = dense_blocks(x, y, batch)
+    assert_close_flat(D.hvp(g, x, y, v, batch), hyy @ flat(v))
+    assert_close_flat(D.mixed(g, x, y, v, batch), hxy @ flat(v))
+    hv, jv = D.hvp_and_mixed(g, x, y, v, batch)
+    assert_close_flat(hv, hyy @ flat(v))
+    assert_close_flat(jv, hxy @ flat(v))
+    assert list(hv) == list(y) and list(jv) == list(x)
+    assert hv["b"].shape == () and jv["A"].shape == (4, 3)
+
+
+def test_grad_y_and_grads_against_autograd():
+    x, y, v, batch = setup(3)
+    xr = {k: t.clone().requires_grad_() for k, t in x.items()}
+    yr = {k: t.clone().requires_grad_() for k, t in y.items()}
+    val = g(xr, yr, batch)
+    ref = torch.autograd.grad(val, [*xr.values(), *yr.values()])
+    gx, gy = D.grads(g, x, y, batch)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ref]), torch.cat([flat(gx), flat(gy)]))
+    assert_close_flat(D.grad_y(g, x, y, batch), torch.cat([t.reshape(-1) for t in ref[2:]]))
+
+
+@pytest.mark.parametrize("mode", ["autograd", "func", "auto"])
+def test_linearize_against_dense_hessian(mode):
+    x, y, v, batch = setup(4)
+    hyy, hxy = dense_blocks(x, y, batch)
+    lin = D.linearize(g, x, y, batch, mode=mode)
+    G = lambda yf: g(x, unflat(yf, Y_SHAPES), batch)
+    assert_close_flat(lin.grad_y, torch.func.grad(G)(flat(y)))
+    # the operator is built once and applied many times
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        u = unflat(torch.randn(4, generator=gen, dtype=DT), Y_SHAPES)
+        assert_close_flat(lin.hvp(u), hyy @ flat(u))
+        assert_close_flat(lin.mixed(u), hxy @ flat(u))
+        assert_close_flat(lin.hvp(u), hyy @ flat(u))      # again after a mixed product
+    with pytest.raises(ValueError, match="mode"):
+        D.linearize(g, x, y, batch, mode="forward")
+
+
+@pytest.mark.parametrize("mode", ["autograd", "func"])
+def test_linearize_never_modifies_inputs_and_works_under_no_grad(mode):
+    x, y, v, batch = setup(5)
+    # inputs that look like module parameters: leaves requiring grad
+    x = {k: t.requires_grad_() for k, t in x.items()}
+    x0, y0, v0 = clones(x), clones(y), clones(v)
+    hyy, hxy = dense_blocks(T_detach(x), y, batch)
+    with torch.no_grad():
+        lin = D.linearize(g, x, y, batch, mode=mode)
+        hv, jv, gy = lin.hvp(v), lin.mixed(v), lin.grad_y
+    assert_close_flat(hv, hyy @ flat(v))
+    assert_close_flat(jv, hxy @ flat(v))
+    assert all(torch.isfinite(t).all() for t in gy.values())
+    for a, b in ((x, x0), (y, y0), (v, v0)):
+        for k in a:
+            assert torch.equal(a[k].detach(), b[k].detach())
+            assert a[k].requires_grad == b[k].requires_grad
+    assert all(t.grad is None for t in x.values())
+
+
+def T_detach(tree):
+    return {k: t.detach() for k, t in tree.items()}
+
+
+def test_linearize_zero_when_g_ignores_part_of_the_variables():
+    # g linear in y (no curvature) and independent of one x entry: zero products, no error
+    def lin_g(x, y, batch):
+        return (x["a"] * y["w"]).sum()
+    x = {"a": torch.ones(2, dtype=DT), "unused": torch.ones(3, dtype=DT)}
+    y = {"w": torch.ones(2, dtype=DT)}
+    v = {"w": torch.tensor([2.0, -1.0], dtype=DT)}
+    for mode in ("autograd", "func"):
+        lin = D.linearize(lin_g, x, y, None, mode=mode)
+        assert torch.equal(lin.hvp(v)["w"], torch.zeros(2, dtype=DT))
+        torch.testing.assert_close(lin.mixed(v)["a"], v["w"])      # ∇x <∇y g, v> = v
+        assert torch.equal(lin.mixed(v)["unused"], torch.zeros(3, dtype=DT))
+
+
+# ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("batched", [False, True])
+def test_fd_products_second_order_accurate(batched):
+    x, y, v, batch = setup(6)
+    hyy, hxy = dense_blocks(x, y, batch)
+    h_ref, j_ref = hyy @ flat(v), hxy @ flat(v)
+    errs = []
+    for delta in (4e-2, 2e-2, 1e-2):
+        p = D.fd_products(g, x, y, v, batch, delta=delta, batched=batched)
+        errs.append(max((flat(p.hvp) - h_ref).abs().max().item(), (flat(p.mixed) - j_ref).abs().max().item()))
+    # central differences: halving δ divides the error by 4 (O(δ²), rounding is negligible here)
+    for e_big, e_small in zip(errs, errs[1:]):
+        assert 3.0 < e_big / e_small < 5.0, errs
+    # default δ: the error is at the O(ε^{2/3}) level
+    p = D.fd_products(g, x, y, v, batch, batched=batched)
+    assert_close_flat(p.hvp, h_ref, rtol=1e-8, atol=1e-9)
+    assert_close_flat(p.mixed, j_ref, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(p.delta, D.fd_delta(y, v))
+
+
+def test_fd_products_batched_equals_unbatched():
+    x, y, v, batch = setup(8)
+    a = D.fd_products(g, x, y, v, batch, batched=True)
+    b = D.fd_products(g, x, y, v, batch, batched=False)
+    for k in y:
+        torch.testing.assert_close(a.hvp[k], b.hvp[k], rtol=1e-9, atol=1e-11)
+    for k in x:
+        torch.testing.assert_close(a.mixed[k], b.mixed[k], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fd_delta_scale_rule(dtype):
+    x, y, v, batch = setup(9)
+    y = {k: (3.0 * t).to(dtype) for k, t in y.items()}
+    v = {k: (0.01 * t).to(dtype) for k, t in v.items()}
+    d = D.fd_delta(y, v)
+    assert d.shape == ()
+    eps = torch.finfo(dtype).eps
+    ny = flat(y).double().norm().item()
+    nv = flat(v).double().norm().item()
+    # the docstring's rule: ‖δ v‖ = ε^{1/3} (1 + ‖y‖)
+    assert math.isclose(d.item() * nv, eps ** (1 / 3) * (1 + ny), rel_tol=1e-5)
+
+
+def test_fd_delta_half_precision_uses_float32_eps():
+    y = {"w": torch.tensor([3.0, 4.0], dtype=torch.float16)}
+    v = {"w": torch.tensor([1.0, 0.0], dtype=torch.float16)}
+    d = D.fd_delta(y, v)
+    assert math.isclose(d.item(), torch.finfo(torch.float32).eps ** (1 / 3) * 6.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fd_zero_direction_is_finite(dtype, batched):
+    x, y, v, batch = setup(10)
+    x = {k: t.to(dtype) for k, t in x.items()}
+    y = {k: t.to(dtype) for k, t in y.items()}
+    batch = tuple(t.to(dtype) for t in batch)
+    zero = {k: torch.zeros_like(t) for k, t in y.items()}
+    d = D.fd_delta(y, zero)
+    assert torch.isfinite(d) and d > 0
+    p = D.fd_products(g, x, y, zero, batch, batched=batched)
+    for tree in (p.hvp, p.mixed):
+        for t in tree.values():
+            assert t.dtype == dtype
+            assert torch.equal(t, torch.zeros_like(t))
