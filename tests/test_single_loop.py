@@ -272,3 +272,44 @@ def test_fdehbo_reduces_true_validation_loss_of_weight_decay_on_real_data():
         s = algo.step(s, None, None)
     start, end = true_val_loss(x0), true_val_loss(s.x)
     assert math.isfinite(end) and end < 0.85 * start
+
+
+@pytest.mark.parametrize("ctor", [tb.fdehbo, tb.fmbo])
+def test_vmapped_evaluations_equal_the_loop(ctor):
+    prob, inner, outer, _ = quadratic(seed=4)
+    x0, y0 = {"h": torch.randn(4, dtype=DT)}, {"w": torch.randn(5, dtype=DT)}
+    runs = []
+    for batched in (False, True):
+        algo = ctor(prob, radius=2.0, batched=batched, **COMMON)
+        s = algo.init(x0, y0)
+        it_in, it_out = cycle(inner), cycle(outer)
+        for _ in range(4):
+            s = algo.step(s, it_in, it_out)
+        runs.append(s)
+    torch.testing.assert_close(runs[0].xf, runs[1].xf, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(runs[0].vf, runs[1].vf, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("ctor", [tb.fdehbo, tb.fmbo])
+def test_triton_backend_trajectory_equals_torch_backend(ctor):
+    # Runs the Triton kernels under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors.
+    pytest.importorskip("triton")
+    from torchbilevel import kernels
+    prob, inner, outer, _ = quadratic(seed=5)
+    x0 = {"h": torch.randn(4, dtype=DT).float()}
+    y0 = {"w": torch.randn(5, dtype=DT).float()}
+    f32 = lambda b: tuple(t.float() for t in b) if isinstance(b, tuple) else b.float()
+    inner32, outer32 = [f32(b) for b in inner], [f32(c) for c in outer]
+    prob32 = tb.Bilevel(prob.outer_fn, prob.inner_fn)
+    before = sum(kernels.triton_launches().values())
+    runs = []
+    for backend in ("torch", "triton"):
+        algo = ctor(prob32, radius=0.5, backend=backend, **COMMON)
+        s = algo.init(x0, y0)
+        it_in, it_out = cycle(inner32), cycle(outer32)
+        for _ in range(4):
+            s = algo.step(s, it_in, it_out)
+        runs.append(s)
+    assert sum(kernels.triton_launches().values()) >= before + 3 * 4   # really launched
+    for a, b in ((runs[0].xf, runs[1].xf), (runs[0].yf, runs[1].yf), (runs[0].vf, runs[1].vf)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from torch import Tensor
-from torch.func import grad_and_value
 
 from .. import tree as T
 
@@ -24,15 +23,22 @@ class HypergradAux(NamedTuple):
 
 def outer_grads(problem, x, y, batch):
     """(∇x f, ∇y f, f) at (x, y; batch) from one reverse pass."""
-    (fx, fy), fval = grad_and_value(problem.outer, argnums=(0, 1))(x, y, batch)
+    from ..derivatives import gradient
+    fval, (fx, fy) = gradient(problem.outer, x, y, batch)
     return fx, fy, fval
 
 
-def unroll(problem, x, y, batches, lr):
+def unroll(problem, x, y, batches, lr, differentiable: bool = True):
     """``len(batches)`` gradient steps on the inner problem from y: y ← y − lr ∇y g(x, y; S_t)
-    (stocBiO paper Alg. 1 line 5 / Alg. 2 line 6), differentiable in x with torch.func."""
-    from ..derivatives import grad_y
+    (stocBiO paper Alg. 1 line 5 / Alg. 2 line 6).
+
+    ``differentiable=True`` keeps the graph so the result can be differentiated w.r.t. x
+    (ITD): with torch.func inside transforms, else autograd with ``create_graph``.
+    ``differentiable=False`` (PZOBO's paths) only needs the values: each step is one
+    y-gradient of g, no graph kept.
+    """
+    from ..derivatives import gradient
     for b in batches:
-        gy = grad_y(problem.inner, x, y, b)
+        _, (gy,) = gradient(problem.inner, x, y, b, argnums=1, create_graph=differentiable)
         y = {k: y[k] - lr * gy[k] for k in y}
     return y

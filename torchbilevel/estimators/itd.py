@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch.func import grad
 
-from ..problem import check_positive, check_steps, draw
+from ..problem import check_positive, check_steps, draw, in_functorch_transform
 from .base import HypergradAux, unroll
 
 
@@ -29,13 +29,23 @@ class ITD(NamedTuple):
         if self.checkpoint:
             return _itd_checkpointed(self, problem, x, y, batches, ob)
 
-        def phi(xx):
-            y_d = unroll(problem, xx, y, batches, self.lr)
-            val = problem.outer(xx, y_d, ob)
-            return val, (y_d, val)
+        if in_functorch_transform():
+            def phi(xx):
+                y_d = unroll(problem, xx, y, batches, self.lr)
+                val = problem.outer(xx, y_d, ob)
+                return val, (y_d, val)
 
-        dx, (y_d, fval) = grad(phi, has_aux=True)(x)
-        return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval)
+            dx, (y_d, fval) = grad(phi, has_aux=True)(x)
+            return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval)
+        # autograd: the unrolled graph is built once and backpropagated once (measured
+        # several times faster than nesting torch.func.grad on CPU)
+        xr = {k: t.detach().requires_grad_(True) for k, t in x.items()}
+        with torch.enable_grad():
+            y_d = unroll(problem, xr, {k: t.detach() for k, t in y.items()}, batches, self.lr)
+            fval = problem.outer(xr, y_d, ob)
+            gx = torch.autograd.grad(fval, list(xr.values()), allow_unused=True)
+        dx = {k: (torch.zeros_like(xr[k]) if gi is None else gi.detach()) for k, gi in zip(xr, gx)}
+        return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval.detach())
 
 
 def _itd_checkpointed(cfg, problem, x, y, batches, ob):

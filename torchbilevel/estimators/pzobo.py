@@ -39,7 +39,7 @@ class PZOBO(NamedTuple):
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
         batches = [draw(inner_batch) for _ in range(self.steps)]   # one path of batches for all
         ob = draw(outer_batch)                                      # independent outer batch D_F
-        path = lambda xx: unroll(problem, xx, y, batches, self.lr)
+        path = lambda xx: unroll(problem, xx, y, batches, self.lr, differentiable=False)
         y_n = path(x)                                               # Alg. 1 lines 4-6
         fx, fy, fval = outer_grads(problem, x, y_n, ob)
         u = self.sample_directions(x)                               # Alg. 1 line 8

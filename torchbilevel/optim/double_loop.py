@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import tree as T
-from ..derivatives import grad_y
+from ..derivatives import gradient
 from ..estimators import AID, is_estimator
 from ..hypergrad import check_hypergradient, hypergrad
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
@@ -77,7 +77,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y
         for _ in range(inner_steps):
-            gy = grad_y(problem.inner, x, y, draw(inner_batch))
+            _, (gy,) = gradient(problem.inner, x, y, draw(inner_batch), argnums=1)
             y = T.axpy(-beta, gy, y)
         v0 = state.v if (warm_start_v and isinstance(estimator, AID)) else None
         dx, aux = hg(x, y, inner_batch, outer_batch, v0=v0)

@@ -26,7 +26,7 @@ from torch.func import grad, vjp, vmap
 
 from .. import kernels as K
 from .. import tree as T
-from ..derivatives import fd_delta_from_norms
+from ..derivatives import fd_delta_from_norms, gradient
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
                        in_functorch_transform)
 from .algorithm import Algorithm
@@ -151,13 +151,21 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         ys = s.yf.unsqueeze(0) if first else torch.stack([s.yf, s.y_prev])
         vs = s.vf.unsqueeze(0) if first else torch.stack([s.vf, s.v_prev])
 
-        gy = _points(lambda xf, yf: grad(g, argnums=1)(xf, yf, zeta), use_vmap, xs, ys)
-        fx, fy = _points(lambda xf, yf: grad(f, argnums=(0, 1))(xf, yf, psi_f), use_vmap, xs, ys)
+        mode = "func" if use_vmap else "auto"       # autograd outside vmap: measured faster
+
+        def grad_of(fn, argnums, batch):
+            def at(xf, yf):
+                gr = gradient(fn, xf, yf, batch, argnums=argnums, mode=mode)[1]
+                return gr[0] if len(gr) == 1 else gr
+            return at
+
+        gy = _points(grad_of(g, (1,), zeta), use_vmap, xs, ys)
+        fx, fy = _points(grad_of(f, (0, 1), psi_f), use_vmap, xs, ys)
         if xi_f is not psi_f:
-            fx = _points(lambda xf, yf: grad(f, argnums=0)(xf, yf, xi_f), use_vmap, xs, ys)
+            fx = _points(grad_of(f, (0,), xi_f), use_vmap, xs, ys)
         if fd:
             deltas = [d_cur] if first else [d_cur, s.delta_prev]
-            # points z ± δ v for cur (and prev): rows cur+, cur−, prev+, prev−
+            # points z ± δ v for cur (and prev): rows cur+, cur−, prev+, prev−;
             # the perturbation is formed in float32 (float64 for float64 y), then stored
             work = torch.float64 if s.yf.dtype == torch.float64 else torch.float32
             sgn_d = torch.tensor([sg * dd for dd in deltas for sg in (1.0, -1.0)], dtype=work, device=s.yf.device)
@@ -165,15 +173,23 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             yp = (rep(ys).to(work) + sgn_d.unsqueeze(1) * rep(vs).to(work)).to(s.yf.dtype)
             xp = rep(xs)
             if xi_g is psi_g:
-                gxp, gyp = _points(lambda xf, yf: grad(g, argnums=(0, 1))(xf, yf, psi_g), use_vmap, xp, yp)
+                gxp, gyp = _points(grad_of(g, (0, 1), psi_g), use_vmap, xp, yp)
             else:
-                gyp = _points(lambda xf, yf: grad(g, argnums=1)(xf, yf, psi_g), use_vmap, xp, yp)
-                gxp = _points(lambda xf, yf: grad(g, argnums=0)(xf, yf, xi_g), use_vmap, xp, yp)
+                gyp = _points(grad_of(g, (1,), psi_g), use_vmap, xp, yp)
+                gxp = _points(grad_of(g, (0,), xi_g), use_vmap, xp, yp)
         else:
             def products(batch):
                 def at(xf, yf, vf):
-                    _, pull = vjp(lambda a, b: grad(g, argnums=1)(a, b, batch), xf, yf)
-                    jv, hv = pull(vf)                      # one backward: ∇xy g·v and ∇yy g·v
+                    if use_vmap or in_functorch_transform():
+                        _, pull = vjp(lambda a, b: grad(g, argnums=1)(a, b, batch), xf, yf)
+                        return pull(vf)                    # one backward: (∇xy g·v, ∇yy g·v)
+                    # autograd: ∇y g with its graph kept, then one backward gives both
+                    xr, yr = xf.detach().requires_grad_(True), yf.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        (gyr,) = torch.autograd.grad(g(xr, yr, batch), [yr], create_graph=True)
+                        jv, hv = torch.autograd.grad(gyr, [xr, yr], vf, allow_unused=True)
+                    jv = torch.zeros_like(xf) if jv is None else jv.detach()
+                    hv = torch.zeros_like(yf) if hv is None else hv.detach()
                     return jv, hv
                 return at
             gxp, gyp = _points(products(psi_g), use_vmap, xs, ys, vs)
