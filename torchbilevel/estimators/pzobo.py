@@ -27,7 +27,7 @@ class PZOBO(NamedTuple):
     mu: float
     antithetic: bool = False
     generator: Optional[torch.Generator] = None
-    vectorize: bool = True
+    vectorize: Optional[bool] = None
 
     def sample_directions(self, x):
         """Q Gaussian directions u_j ~ N(0, I) shaped like x (leading dim Q), from ``generator``."""
@@ -60,7 +60,8 @@ class PZOBO(NamedTuple):
 
     def _paths(self, path, x, u):
         shifted = lambda uj: path({k: x[k] + self.mu * uj[k] for k in x})
-        if self.vectorize:
+        vectorize = self.vectorize if self.vectorize is not None else next(iter(x.values())).is_cuda
+        if vectorize:
             return vmap(shifted)(u)
         n = next(iter(u.values())).shape[0]
         outs = [shifted({k: t[j] for k, t in u.items()}) for j in range(n)]
@@ -68,7 +69,7 @@ class PZOBO(NamedTuple):
 
 
 def pzobo(steps: int, lr: float, directions: int, mu: float, *, antithetic: bool = False,
-          generator: Optional[torch.Generator] = None, vectorize: bool = True) -> PZOBO:
+          generator: Optional[torch.Generator] = None, vectorize: Optional[bool] = None) -> PZOBO:
     """PZOBO hypergradient (Hessian-free): ``steps`` inner GD steps of size ``lr`` from the
     given y, plus one perturbed path per Gaussian direction.
 
@@ -81,7 +82,8 @@ def pzobo(steps: int, lr: float, directions: int, mu: float, *, antithetic: bool
             Q, lower variance; measured in bench/RESULTS.md).  Not in the paper.
         generator: a ``torch.Generator`` for the directions (reproducible runs).
         vectorize: run the Q perturbed paths in one ``torch.func.vmap`` call (True) or a
-            Python loop (False).
+            Python loop (False); default: vmap on CUDA, loop on CPU (on CPU, vmap over
+            per-direction conv weights was measured 8x slower than the loop, bench/RESULTS.md).
 
     In expectation over u the estimate equals the ITD hypergradient of the same inner
     path (eq. (4): E[u uᵀ] = I), up to O(μ) curvature terms.
@@ -90,4 +92,4 @@ def pzobo(steps: int, lr: float, directions: int, mu: float, *, antithetic: bool
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return PZOBO(check_steps(steps, "steps"), check_positive(lr, "lr"),
                  check_steps(directions, "directions"), check_positive(mu, "mu"),
-                 bool(antithetic), generator, bool(vectorize))
+                 bool(antithetic), generator, None if vectorize is None else bool(vectorize))
