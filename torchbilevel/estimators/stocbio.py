@@ -27,7 +27,9 @@ class StocBiO(NamedTuple):
         shared = None if fresh else linearize(problem.inner, x, y, inner_batch, self.mode)
 
         def op():
-            return shared if shared is not None else linearize(problem.inner, x, y, next(inner_batch), self.mode)
+            # draw(), not next(): an exhausted iterator is a ValueError, not a StopIteration
+            # (which a surrounding generator or for-loop would silently swallow)
+            return shared if shared is not None else linearize(problem.inner, x, y, draw(inner_batch), self.mode)
 
         r, acc = fy, fy
         for _ in range(self.neumann_steps):                                # i = Q, ..., 1
