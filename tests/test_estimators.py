@@ -301,7 +301,7 @@ def test_pzobo_mean_matches_itd_of_same_path(antithetic):
     x, y0, ib, ob, steps, lr, itd_dx, itd_aux = pz_setup()
     Q = 10000 if antithetic else 20000            # antithetic runs 2Q perturbed paths
     gen = torch.Generator().manual_seed(1234)
-    est = tb.pzobo(steps, lr, directions=Q, mu=1e-4, antithetic=antithetic, generator=gen)
+    est = tb.pzobo(steps, lr, directions=Q, mu=1e-4, antithetic=antithetic, generator=gen, vectorize=True)
     dx, aux = tb.hypergrad(LOGREG, est, has_aux=True)(x, y0, ib, ob)
     assert aux.v is None
     assert_tree_close(aux.y, flat(itd_aux.y), rtol=1e-12, atol=1e-14)    # same inner path y_N
