@@ -52,7 +52,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="optimisation-time budget per method ('none': no limit)")
     parser.add_argument("--seed", type=int, help="seed of data split, corruption and minibatches")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch CPU threads (default 1: the tensors are small, and on a "
+                             "2-core machine 2 threads made steps several times slower "
+                             "whenever another process was running)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any config field, e.g. --set corruption=0.1 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,10 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     module, config_cls = EXPERIMENTS[args.experiment]
     config = _config(parser, args, config_cls, module)
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     out = args.out
     if out is None and args.command == "run":
         out = f"out/{args.experiment}.png"

@@ -17,6 +17,7 @@ raises :class:`DataUnavailableError`, whose message names the extra to install.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -78,13 +79,20 @@ def _permute(features: np.ndarray, labels: np.ndarray, seed: int, dtype: torch.d
     return feats, labs
 
 
+@functools.lru_cache(maxsize=2)
+def _read_table(path: str) -> np.ndarray:
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    table.setflags(write=False)  # cached: shared between calls
+    return table
+
+
 def load_mnist5k(seed: int = 0, dtype: torch.dtype = torch.float32):
     """5000 MNIST images as ``(features (5000, 784) in [0, 1], labels (5000,))``.
 
     Rows are shuffled with ``seed`` (the file is sorted by class).
     """
     path = mnist5k_path()
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    table = _read_table(path)
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataUnavailableError(
             f"{path}: expected 785 columns (784 pixels then the label), got shape {table.shape}"

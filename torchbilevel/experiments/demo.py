@@ -40,7 +40,7 @@ class DemoResult:
     csv: str
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True):
+def progress_bar(total: float, desc: str, unit: str = "step", enabled: bool = True):
     """A tqdm bar (or None when disabled or tqdm is not installed)."""
     if not enabled:
         return None
@@ -48,10 +48,14 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="step")
+    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}<{remaining}{postfix}]"
+    return tqdm(total=total, desc=desc, unit=unit, bar_format=fmt)
 
 
-def _total_steps(config: Any) -> int:
+def _total(config: Any) -> float:
+    """Progress total: seconds of budget when time-limited, else steps."""
+    if config.seconds is not None:
+        return float(config.seconds) * len(config.methods)
     steps = config.steps * len(config.methods)
     if hasattr(config, "baseline_steps"):
         baselines = sum(m in ("noisy", "clean") for m in config.methods)
@@ -72,7 +76,8 @@ def demo(experiment: str = "hyperclean", config: Any = None, out: str | None = N
     module, config_cls = EXPERIMENTS[experiment]
     config = config_cls() if config is None else config
     out = out or os.path.join("out", f"demo_{experiment}.png")
-    bar = progress_bar(_total_steps(config), experiment, progress)
+    unit = "s" if config.seconds is not None else "step"
+    bar = progress_bar(_total(config), experiment, unit, progress)
     try:
         record = module.run(config, progress=bar)
     finally:

@@ -45,6 +45,14 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def _advance(progress, reported: float, amount: float, total: float) -> float:
+    """Advance a progress bar by ``amount`` without passing ``total``; new reported sum."""
+    amount = max(0.0, min(amount, total - reported))
+    if amount:
+        progress.update(amount)
+    return reported + amount
+
+
 def run_method(method: Method, x0: dict, y0: dict,
                evaluate: Callable[[dict, dict], dict], max_seconds: float | None = None,
                progress=None, device=None, warmup: bool = True) -> list[dict]:
@@ -57,12 +65,16 @@ def run_method(method: Method, x0: dict, y0: dict,
     are spent, and also stops (after recording the row) when a metric is NaN
     or when the algorithm raises ``FloatingPointError`` (the library's NaN/inf
     check); then a last row with a ``diverged`` message and no metrics ends it.
-    ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per step. With
+    ``progress`` (e.g. a tqdm bar) advances by optimisation seconds when
+    ``max_seconds`` is set (the rest of the budget when the method stops
+    early), else by one per step (the rest of ``steps`` likewise). With
     ``warmup`` one untimed step is taken first from a throw-away state, so
     one-off lazy initialisation (first autograd / torch.func use) is not
     charged to whichever method runs first; it draws one batch from streams.
     """
     rows: list[dict] = []
+    if progress is not None and hasattr(progress, "set_postfix_str"):
+        progress.set_postfix_str(method.name)
     if warmup:
         method.algo.step(method.algo.init(detached(x0), detached(y0)), method.inner, method.outer)
 
@@ -78,7 +90,7 @@ def run_method(method: Method, x0: dict, y0: dict,
     _sync(device)
     seconds = time.perf_counter() - start
     record(state, 0, seconds)
-    last_record, done = seconds, 0
+    last_record, reported = seconds, 0.0
     for step in range(1, method.steps + 1):
         _sync(device)
         start = time.perf_counter()
@@ -90,10 +102,11 @@ def run_method(method: Method, x0: dict, y0: dict,
             break
         state = new_state
         _sync(device)
-        seconds += time.perf_counter() - start
-        done = step
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
         if progress is not None:
-            progress.update(1)
+            reported = _advance(progress, reported, elapsed if max_seconds is not None else 1,
+                                max_seconds if max_seconds is not None else method.steps)
         out_of_time = max_seconds is not None and seconds >= max_seconds
         due = step % method.eval_every == 0 or (
             method.eval_seconds is not None and seconds - last_record >= method.eval_seconds)
@@ -101,8 +114,9 @@ def run_method(method: Method, x0: dict, y0: dict,
             last_record = seconds
             if record(state, step, seconds) or out_of_time:
                 break
-    if progress is not None and done < method.steps:
-        progress.update(method.steps - done)
+    if progress is not None:
+        total = max_seconds if max_seconds is not None else method.steps
+        _advance(progress, reported, total, total)
     return rows
 
 
