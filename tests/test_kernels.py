@@ -148,6 +148,20 @@ def test_reference_projection_matches_naive(dtype, radius):
     close(v, naive_project(w, radius), dtype)
 
 
+@pytest.mark.parametrize("name", ["inner_update", "outer_update", "project_ball"])
+def test_reference_and_public_signatures_agree(name):
+    """The reference has the public signature minus ``backend`` (and so do the Triton wrappers)."""
+    import inspect
+
+    public = inspect.signature(getattr(K, name)).parameters
+    assert list(public)[-1] == "backend" and public["backend"].default == "auto"
+    want = [(p.name, p.kind) for p in public.values()][:-1]
+    impls = [reference] + ([K.dispatch._triton()] if HAS_TRITON else [])
+    for impl in impls:
+        got = [(p.name, p.kind) for p in inspect.signature(getattr(impl, name)).parameters.values()]
+        assert got == want, impl.__name__
+
+
 def test_projection_at_zero_and_infinite_radius():
     w = torch.zeros(7)
     v = K.project_ball(w, torch.zeros(()), 1.0, backend="torch")
