@@ -43,7 +43,7 @@ class ShallowHRConfig:
     """Settings of one shallow hyper-representation run.
 
     ``embedding``: "linear" (λ = H) or "two_layer" (λ = W1 (p×hidden), W2
-    (hidden×d), ReLU between). All methods: warm-started inner GD
+    (hidden×d), tanh between). All methods: warm-started inner GD
     (``inner_steps`` of ``lr_y``) then an outer SGD step: ``lr_x`` for AID and
     ITD, ``pzobo_lr_x`` for PZOBO and ``hozog_lr_x`` for HOZOG (the
     zeroth-order estimates are far noisier and diverge at ``lr_x``), with
@@ -95,10 +95,15 @@ def make_data(cfg: ShallowHRConfig) -> dict:
 
 
 def embed(x: dict, feats: torch.Tensor) -> torch.Tensor:
-    """T(X; λ): X H for the linear embedding, relu(X W1) W2 for the two-layer one."""
+    """T(X; λ): X H for the linear embedding, tanh(X W1) W2 for the two-layer one.
+
+    tanh rather than ReLU: ReLU features share a positive mean, which put the
+    inner Hessian's top eigenvalue near 20 at initialisation and made the
+    inner gradient steps (lr_y = 0.3) diverge at once.
+    """
     if "H" in x:
         return feats @ x["H"]
-    return torch.relu(feats @ x["W1"]) @ x["W2"]
+    return torch.tanh(feats @ x["W1"]) @ x["W2"]
 
 
 def inner_loss(gamma: float) -> Callable:
