@@ -4,7 +4,7 @@
 
 See README.md for the methods, their papers and costs.
 """
-from . import derivatives, nn, tree
+from . import derivatives, distributed, guards, nn, tree
 from .estimators import HypergradAux, aid, itd, pzobo, stocbio
 from .hypergrad import hypergrad
 from .optim import Algorithm, DoubleLoopState, SingleLoopState, double_loop, fdehbo, fmbo
@@ -15,5 +15,5 @@ from .solvers import cg, fixed_point
 __version__ = "0.1.0"
 
 __all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "hypergrad",
-           "HypergradAux", "tree", "derivatives", "nn", "double_loop", "DoubleLoopState",
+           "HypergradAux", "tree", "derivatives", "distributed", "guards", "nn", "double_loop", "DoubleLoopState",
            "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState"]

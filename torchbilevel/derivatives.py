@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.func import grad, vjp, vmap
 
 from . import tree as T
-from .problem import in_functorch_transform
+from .problem import use_func_mechanism
 
-__all__ = ["Linearization", "linearize", "grad_y", "grads", "hvp", "mixed", "hvp_and_mixed",
+__all__ = ["Linearization", "linearize", "averaged", "grad_y", "grads", "hvp", "mixed", "hvp_and_mixed",
            "fd_delta", "fd_delta_from_norms", "fd_products"]
 
 
@@ -98,15 +98,26 @@ def linearize(g, x, y, batch, mode: str = "auto") -> Linearization:
         mode: ``"autograd"`` keeps one autograd graph of ∇y g and backpropagates
             through it for each product (fastest, measured in bench/); ``"func"`` uses
             ``torch.func.vjp`` and composes with ``vmap``; ``"auto"`` picks ``"func"``
-            inside torch.func transforms and ``"autograd"`` otherwise.
+            inside torch.func transforms and under torch.compile, ``"autograd"`` otherwise.
     """
     if mode == "auto":
-        mode = "func" if in_functorch_transform() else "autograd"
+        mode = "func" if use_func_mechanism() else "autograd"
     if mode == "autograd":
         return _autograd_linearization(g, x, y, batch)
     if mode == "func":
         return _func_linearization(g, x, y, batch)
     raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
+
+
+def averaged(lin: Linearization, problem) -> Linearization:
+    """``lin`` with its products averaged over ``problem``'s data-parallel group
+    (:meth:`torchbilevel.Bilevel.average`: one all-reduce per product); ``lin`` itself when
+    the problem has no reduce hook.  ``grad_y`` stays the rank-local gradient (no method
+    here uses it; average it yourself if you need it)."""
+    if getattr(problem, "reduce", None) is None:
+        return lin
+    return Linearization(lin.grad_y, lambda v: problem.average(lin.hvp(v))[0],
+                         lambda v: problem.average(lin.mixed(v))[0])
 
 
 def hvp(g, x, y, v, batch) -> T.Tree:
@@ -218,7 +229,8 @@ def gradient(fn, x, y, batch, argnums=(0, 1), mode: str = "auto", create_graph: 
     mode: ``"autograd"`` runs one backward with ``torch.autograd.grad`` restricted to the
         requested inputs (measured 2-6x faster than ``torch.func`` here for y-only
         gradients and unrolled steps); ``"func"`` uses ``torch.func.grad_and_value`` and
-        composes with vmap/grad; ``"auto"`` picks ``"func"`` inside torch.func transforms.
+        composes with vmap/grad; ``"auto"`` picks ``"func"`` inside torch.func transforms
+        and under torch.compile.
     create_graph: (autograd mode) keep the graph so the result can be differentiated
         again; the inputs are then used as given (not detached), so gradients flow back
         to whatever they depend on.
@@ -226,7 +238,7 @@ def gradient(fn, x, y, batch, argnums=(0, 1), mode: str = "auto", create_graph: 
     if isinstance(argnums, int):
         argnums = (argnums,)
     if mode == "auto":
-        mode = "func" if in_functorch_transform() else "autograd"
+        mode = "func" if use_func_mechanism() else "autograd"
     if mode == "func":
         from torch.func import grad_and_value
         gr, val = grad_and_value(fn, argnums=argnums)(x, y, batch)

@@ -6,6 +6,7 @@ from typing import Callable, Mapping, Optional
 
 from torch import Tensor
 
+from . import guards as G
 from . import tree as T
 from .estimators import HypergradAux, is_estimator
 from .problem import check_params, check_problem, in_functorch_transform
@@ -22,12 +23,18 @@ def diagnose_nonfinite(dx, aux: HypergradAux) -> str:
     return "the hypergradient (outer gradient or mixed product ∇xy g·v)"
 
 
-def check_hypergradient(dx, aux: HypergradAux) -> None:
-    """Raise FloatingPointError naming where NaN/inf arose (one host read when all is finite)."""
+def check_hypergradient(dx, aux: HypergradAux, trace=None, **inputs) -> None:
+    """Raise FloatingPointError naming where NaN/inf arose (one host read when all is finite).
+
+    ``trace``: the :class:`torchbilevel.guards.StageTrace` of the computation (names the
+    stage exactly); ``inputs``: dicts to blame first when they hold NaN/inf (e.g. ``x=x``).
+    """
     if in_functorch_transform():
         return
     if not bool(T.all_finite(dx)):
-        raise FloatingPointError(f"non-finite hypergradient: NaN/inf first appears in {diagnose_nonfinite(dx, aux)}")
+        where = G.locate(trace, diagnose_nonfinite(dx, aux), **inputs)
+        raise FloatingPointError(f"non-finite hypergradient: NaN/inf first appears in {where}; "
+                                 "the inputs are unchanged")
 
 
 def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True) -> Callable:
@@ -44,8 +51,11 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)`` or ``tb.pzobo(...)``.
         has_aux: also return a :class:`HypergradAux` (inner iterate reached, linear-system
             solution, outer loss) for warm starts and logging.
-        check_finite: raise FloatingPointError if the result holds NaN/inf (one host read
-            per call; skipped inside torch.func transforms such as vmap).
+        check_finite: raise FloatingPointError if the result holds NaN/inf, naming the
+            stage where it first appeared (inputs, inner iterate, outer gradient, linear
+            system, mixed product); one host read per call; skipped inside torch.func
+            transforms such as vmap.  ``False`` makes the call free of host reads (for
+            ``torch.compile(fullgraph=True)`` and CUDA graphs).
 
     The returned function takes ``(x, y, inner_batch, outer_batch, v0=None)``: x and y are
     dicts of tensors (never modified), the batches are passed to g and f (an iterator is
@@ -62,9 +72,10 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         check_params(x, y)
         if v0 is not None:
             T.check_same_keys(v0, y, "v0 and y")
-        dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
+        with G.tracing(check_finite) as trace:
+            dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
         if check_finite:
-            check_hypergradient(dx, aux)
+            check_hypergradient(dx, aux, trace, x=x, y=y, v0=v0)
         return (dx, aux) if has_aux else dx
 
     hypergradient.__doc__ = f"Hypergradient of {problem!r} by {estimator!r}."

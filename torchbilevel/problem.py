@@ -8,8 +8,9 @@ with ``x`` and ``y`` dicts of tensors.
 from __future__ import annotations
 
 import collections.abc
+import functools
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -43,24 +44,65 @@ class Bilevel:
         inner: ``g(x, y, batch) -> scalar Tensor``, the lower-level (training) loss,
             assumed strongly convex in ``y`` by the theory of every method here.
 
+        reduce: optional hook ``flat Tensor -> Tensor`` averaging a 1-D buffer over a
+            data-parallel group (set by :func:`torchbilevel.distributed.data_parallel`;
+            None: single process).  Every data-dependent derivative the library evaluates
+            goes through :meth:`average`, which calls it.
+
     ``x`` and ``y`` are ``dict[str, Tensor]``.  ``problem.outer`` / ``problem.inner``
     are the objectives wrapped so that each call checks it returned a scalar tensor
     (TypeError / ValueError otherwise); the originals are ``outer_fn`` / ``inner_fn``.
     """
-    __slots__ = ("outer", "inner", "outer_fn", "inner_fn")
+    __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce")
 
-    def __init__(self, outer: Objective, inner: Objective):
+    def __init__(self, outer: Objective, inner: Objective, *, reduce: Optional[Callable[[Tensor], Tensor]] = None):
         for name, fn in (("outer", outer), ("inner", inner)):
             if not callable(fn):
                 raise TypeError(f"Bilevel({name}=...) must be callable (x, y, batch) -> scalar Tensor, "
                                 f"got {type(fn).__name__}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"Bilevel(reduce=...) must be None or callable (Tensor -> Tensor), got {type(reduce).__name__}")
         self.outer_fn, self.inner_fn = outer, inner
         self.outer = _checked_scalar(outer, "outer")
         self.inner = _checked_scalar(inner, "inner")
+        self.reduce = reduce
+
+    def average(self, *items):
+        """``items`` (dicts of tensors, tensors or None) averaged over the data-parallel
+        group: one call of the ``reduce`` hook on one flat buffer holding all of them.
+        Returns a tuple like ``items``; without a hook, ``items`` themselves (no copy)."""
+        if self.reduce is None:
+            return items
+        if in_functorch_transform():
+            raise RuntimeError("a data-parallel problem (reduce hook) does not compose with torch.func "
+                               "transforms (vmap, grad): collectives cannot run on batched tensors")
+        leaves = [t for it in items if it is not None
+                  for t in (it.values() if isinstance(it, collections.abc.Mapping) else (it,))]
+        if not leaves:
+            return items
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in leaves])
+        flat = self.reduce(torch.cat([t.reshape(-1).to(dtype) for t in leaves]))
+        out, pos = [], 0
+
+        def take(t):
+            nonlocal pos
+            part = flat[pos:pos + t.numel()].view(t.shape).to(t.dtype)
+            pos += t.numel()
+            return part
+
+        for it in items:
+            if it is None:
+                out.append(None)
+            elif isinstance(it, collections.abc.Mapping):
+                out.append({k: take(t) for k, t in it.items()})
+            else:
+                out.append(take(it))
+        return tuple(out)
 
     def __repr__(self):
         name = lambda fn: getattr(fn, "__qualname__", repr(fn))
-        return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)})"
+        hook = "" if self.reduce is None else f", reduce={self.reduce!r}"
+        return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)}{hook})"
 
 
 def check_problem(problem) -> Bilevel:
@@ -150,8 +192,20 @@ def check_unit(value, name: str, allow_schedule: bool = False):
 
 def in_functorch_transform() -> bool:
     """True inside torch.func transforms (vmap, grad, jvp, ...), where we must use the
-    torch.func mechanism and cannot read values on the host."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    torch.func mechanism and cannot read values on the host.  (The dynamic-layer depth, not
+    ``peek_interpreter_stack``: under torch.compile the latter reads as non-None everywhere,
+    which silently disabled the finite checks of compiled code.)"""
+    return torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+
+
+def use_func_mechanism() -> bool:
+    """True where derivatives must go through torch.func rather than torch.autograd.grad:
+    inside torch.func transforms, and while torch.compile traces (aot_autograd does not
+    support double backward through ``torch.autograd.grad``)."""
+    return in_functorch_transform() or torch.compiler.is_compiling()
+
+
+__all__.append("use_func_mechanism")
 
 
 def check_finite(where: str, *trees: Mapping[str, Tensor]) -> None:

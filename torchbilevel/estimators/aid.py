@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import tree as T
-from ..derivatives import linearize
+from ..derivatives import averaged, linearize
+from ..guards import LINEAR, MIXED, record
 from ..problem import draw
 from ..solvers import CG, FixedPoint, is_solver, solve
 from .base import HypergradAux, outer_grads
@@ -23,9 +24,12 @@ class AID(NamedTuple):
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
         ob, ib = draw(outer_batch), draw(inner_batch)
         fx, fy, fval = outer_grads(problem, x, y, ob)
-        lin = linearize(problem.inner, x, y, ib, self.mode)   # one graph of ∇y g, reused
+        lin = averaged(linearize(problem.inner, x, y, ib, self.mode), problem)   # one graph of ∇y g, reused
         v = solve(self.solver, lin.hvp, fy, v0)               # ∇yy g·v = ∇y f
-        dx = T.sub(fx, lin.mixed(v))                          # eq. (3)
+        record(LINEAR, v)
+        jv = lin.mixed(v)
+        record(MIXED, jv)
+        dx = T.sub(fx, jv)                                    # eq. (3)
         return dx, HypergradAux(y, v, fval.detach())
 
 

@@ -22,9 +22,13 @@ class HypergradAux(NamedTuple):
 
 
 def outer_grads(problem, x, y, batch):
-    """(∇x f, ∇y f, f) at (x, y; batch) from one reverse pass."""
+    """(∇x f, ∇y f, f) at (x, y; batch) from one reverse pass (averaged over the
+    data-parallel group with one all-reduce when the problem has a reduce hook)."""
     from ..derivatives import gradient
+    from ..guards import OUTER, record
     fval, (fx, fy) = gradient(problem.outer, x, y, batch)
+    fx, fy, fval = problem.average(fx, fy, fval)
+    record(OUTER, fval, fx, fy)
     return fx, fy, fval
 
 
@@ -35,10 +39,12 @@ def unroll(problem, x, y, batches, lr, differentiable: bool = True):
     ``differentiable=True`` keeps the graph so the result can be differentiated w.r.t. x
     (ITD): with torch.func inside transforms, else autograd with ``create_graph``.
     ``differentiable=False`` (PZOBO's paths) only needs the values: each step is one
-    y-gradient of g, no graph kept.
+    y-gradient of g, no graph kept.  With a data-parallel problem each step's ∇y g is
+    averaged over the group (one all-reduce per step, differentiable for ITD).
     """
     from ..derivatives import gradient
     for b in batches:
         _, (gy,) = gradient(problem.inner, x, y, b, argnums=1, create_graph=differentiable)
+        (gy,) = problem.average(gy)
         y = {k: y[k] - lr * gy[k] for k in y}
     return y

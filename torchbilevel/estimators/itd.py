@@ -10,7 +10,8 @@ from typing import NamedTuple
 import torch
 from torch.func import grad
 
-from ..problem import check_positive, check_steps, draw, in_functorch_transform
+from ..guards import INNER, OUTER, UNROLL_BACKWARD, record
+from ..problem import check_positive, check_steps, draw, use_func_mechanism
 from .base import HypergradAux, unroll
 
 
@@ -29,23 +30,26 @@ class ITD(NamedTuple):
         if self.checkpoint:
             return _itd_checkpointed(self, problem, x, y, batches, ob)
 
-        if in_functorch_transform():
+        if use_func_mechanism():       # inside torch.func transforms and torch.compile
             def phi(xx):
                 y_d = unroll(problem, xx, y, batches, self.lr)
                 val = problem.outer(xx, y_d, ob)
                 return val, (y_d, val)
 
             dx, (y_d, fval) = grad(phi, has_aux=True)(x)
+            record(INNER, y_d)
+            record(OUTER, fval)
+            record(UNROLL_BACKWARD, dx)
             return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval)
         # autograd: the unrolled graph is built once and backpropagated once (measured
         # several times faster than nesting torch.func.grad on CPU)
         xr = {k: t.detach().requires_grad_(True) for k, t in x.items()}
         with torch.enable_grad():
             y_d = unroll(problem, xr, {k: t.detach() for k, t in y.items()}, batches, self.lr)
+            record(INNER, y_d)
             fval = problem.outer(xr, y_d, ob)
             gx = torch.autograd.grad(fval, list(xr.values()), allow_unused=True)
-        dx = {k: (torch.zeros_like(xr[k]) if gi is None else gi.detach()) for k, gi in zip(xr, gx)}
-        return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval.detach())
+        return _finish(problem, xr, gx, y_d, fval)
 
 
 def _itd_checkpointed(cfg, problem, x, y, batches, ob):
@@ -60,17 +64,29 @@ def _itd_checkpointed(cfg, problem, x, y, batches, ob):
         yy = {k: v.requires_grad_(True) if not v.requires_grad else v for k, v in yy.items()}
         val = problem.inner(xx, yy, b)
         gys = torch.autograd.grad(val, list(yy.values()), create_graph=True)
-        return tuple(yy[k] - cfg.lr * gi for k, gi in zip(yk, gys))
+        (gy,) = problem.average(dict(zip(yk, gys)))          # data-parallel: mean over ranks
+        return tuple(yy[k] - cfg.lr * gy[k] for k in yk)
 
     with torch.enable_grad():
         ys = tuple(t.detach() for t in y.values())
         for b in batches:
             ys = checkpoint(step, b, *xr.values(), *ys, use_reentrant=False)
         y_d = dict(zip(yk, ys))
+        record(INNER, y_d)
         fval = problem.outer(xr, y_d, ob)
         gx = torch.autograd.grad(fval, list(xr.values()), allow_unused=True)
-    dx = {k: (torch.zeros_like(xr[k]) if gi is None else gi.detach()) for k, gi in zip(xk, gx)}
-    return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval.detach())
+    return _finish(problem, xr, gx, y_d, fval)
+
+
+def _finish(problem, xr, gx, y_d, fval):
+    # Data parallel: each rank's backward gives its share of the gradient of Σ_ranks f
+    # (the averaged inner steps pass gradients back through a mean all-reduce), so the
+    # hypergradient of the mean loss is the mean over ranks; f itself is averaged too.
+    dx = {k: (torch.zeros_like(xr[k]) if gi is None else gi.detach()) for k, gi in zip(xr, gx)}
+    dx, fval = problem.average(dx, fval.detach())
+    record(OUTER, fval)
+    record(UNROLL_BACKWARD, dx)
+    return dx, HypergradAux({k: t.detach() for k, t in y_d.items()}, None, fval)
 
 
 def itd(steps: int, lr: float, checkpoint: bool = False) -> ITD:

@@ -15,6 +15,7 @@ import torch
 from torch.func import vmap
 
 from .. import tree as T
+from ..guards import INNER, PATHS, record
 from ..problem import check_positive, check_steps, draw
 from .base import HypergradAux, outer_grads, unroll
 
@@ -41,26 +42,29 @@ class PZOBO(NamedTuple):
         ob = draw(outer_batch)                                      # independent outer batch D_F
         path = lambda xx: unroll(problem, xx, y, batches, self.lr, differentiable=False)
         y_n = path(x)                                               # Alg. 1 lines 4-6
+        record(INNER, y_n)
         fx, fy, fval = outer_grads(problem, x, y_n, ob)
         u = self.sample_directions(x)                               # Alg. 1 line 8
         if self.antithetic:
             # Central difference over ±μu: (y_N(x+μu) − y_N(x−μu)) / 2μ, same expectation.
             both = {k: torch.cat([t, -t]) for k, t in u.items()}
-            ys = self._paths(path, x, both)
+            ys = self._paths(path, x, both, problem.reduce is not None)
             q = self.directions
             delta = {k: (t[:q] - t[q:]) / (2 * self.mu) for k, t in ys.items()}
         else:
-            ys = self._paths(path, x, u)                            # Alg. 1 lines 9-11
+            ys = self._paths(path, x, u, problem.reduce is not None)   # Alg. 1 lines 9-11
             delta = {k: (t - y_n[k]) / self.mu for k, t in ys.items()}   # line 12
+        record(PATHS, ys)
         # ⟨δ_j, ∇y f⟩ for each direction j
         coef = sum((delta[k].reshape(self.directions, -1) * fy[k].reshape(1, -1)).sum(1) for k in fy)
         jt_fy = {k: torch.tensordot(coef, t, dims=1) / self.directions for k, t in u.items()}
         dx = T.add(fx, jt_fy)                                        # eq. (5) / (7)
         return dx, HypergradAux({k: t.detach() for k, t in y_n.items()}, None, fval.detach())
 
-    def _paths(self, path, x, u):
+    def _paths(self, path, x, u, data_parallel: bool = False):
         shifted = lambda uj: path({k: x[k] + self.mu * uj[k] for k in x})
         vectorize = self.vectorize if self.vectorize is not None else next(iter(x.values())).is_cuda
+        vectorize = vectorize and not data_parallel      # collectives cannot run under vmap
         if vectorize:
             return vmap(shifted)(u)
         n = next(iter(u.values())).shape[0]

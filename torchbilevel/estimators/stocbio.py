@@ -10,7 +10,8 @@ import collections.abc
 from typing import NamedTuple
 
 from .. import tree as T
-from ..derivatives import linearize
+from ..derivatives import averaged, linearize
+from ..guards import LINEAR, MIXED, record
 from ..problem import check_positive, check_steps, draw
 from .base import HypergradAux, outer_grads
 
@@ -24,12 +25,14 @@ class StocBiO(NamedTuple):
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
         fx, fy, fval = outer_grads(problem, x, y, draw(outer_batch))      # D_F
         fresh = isinstance(inner_batch, collections.abc.Iterator)
-        shared = None if fresh else linearize(problem.inner, x, y, inner_batch, self.mode)
+        shared = None if fresh else averaged(linearize(problem.inner, x, y, inner_batch, self.mode), problem)
 
         def op():
             # draw(), not next(): an exhausted iterator is a ValueError, not a StopIteration
             # (which a surrounding generator or for-loop would silently swallow)
-            return shared if shared is not None else linearize(problem.inner, x, y, draw(inner_batch), self.mode)
+            if shared is not None:
+                return shared
+            return averaged(linearize(problem.inner, x, y, draw(inner_batch), self.mode), problem)
 
         r, acc = fy, fy
         for _ in range(self.neumann_steps):                                # i = Q, ..., 1
@@ -37,7 +40,10 @@ class StocBiO(NamedTuple):
             r = T.axpy(-self.eta, hr, r)                                   # r_{i-1}
             acc = T.add(acc, r)
         v = T.scale(acc, self.eta)                                         # v_Q = η Σ r_i
-        dx = T.sub(fx, op().mixed(v))                                      # eq. (6), D_G
+        record(LINEAR, v)
+        jv = op().mixed(v)
+        record(MIXED, jv)
+        dx = T.sub(fx, jv)                                                 # eq. (6), D_G
         return dx, HypergradAux(y, v, fval.detach())
 
 

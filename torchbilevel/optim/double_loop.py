@@ -12,10 +12,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import guards as G
 from .. import tree as T
 from ..derivatives import gradient
 from ..estimators import AID, is_estimator
-from ..hypergrad import check_hypergradient, hypergrad
+from ..hypergrad import hypergrad
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
 from .algorithm import Algorithm
 from .outer import OUTER_RULES, OuterState, outer_init, outer_update
@@ -48,7 +49,10 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         outer: ``"sgd"`` (the papers' update) or ``"adam"``.
         betas, eps: Adam's parameters.
         warm_start_v: start each linear solve from the previous solution (Alg. 1, AID 1)).
-        check_finite: raise FloatingPointError (state untouched) if a step produces NaN/inf.
+        check_finite: raise FloatingPointError (state untouched) if a step produces NaN/inf,
+            naming the stage (inner gradient steps, outer gradient, linear system, mixed
+            product, outer update); one host read per step.  ``init`` then also rejects
+            non-finite x, y.
 
     Each call of ``step`` draws ``inner_steps`` inner batches (when ``inner_batch`` is an
     iterator) and what the estimator needs.
@@ -68,6 +72,10 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
 
     def init(x, y) -> DoubleLoopState:
         check_params(x, y)
+        if check_finite and not in_functorch_transform():
+            bad = G.check_inputs(x=x, y=y)
+            if bad is not None:
+                raise FloatingPointError(f"init: {bad} holds NaN/inf")
         return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0)
 
     def step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
@@ -76,15 +84,25 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         k = state.step
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y
-        for _ in range(inner_steps):
-            _, (gy,) = gradient(problem.inner, x, y, draw(inner_batch), argnums=1)
-            y = T.axpy(-beta, gy, y)
-        v0 = state.v if (warm_start_v and isinstance(estimator, AID)) else None
-        dx, aux = hg(x, y, inner_batch, outer_batch, v0=v0)
-        if check_finite and not in_functorch_transform() and not bool(T.all_finite(dx, y)):
-            check_hypergradient(dx, aux._replace(y=y))   # names the stage
-            raise FloatingPointError("non-finite values in the inner iterate")
-        x_new, opt = outer_update(outer, state.outer, x, dx, value_at(lr_x, k, "lr_x"), betas, eps)
+        with G.tracing(check_finite) as trace:
+            for _ in range(inner_steps):
+                _, (gy,) = gradient(problem.inner, x, y, draw(inner_batch), argnums=1)
+                (gy,) = problem.average(gy)               # data parallel: one all-reduce per step
+                y = T.axpy(-beta, gy, y)
+            if inner_steps:
+                G.record(G.INNER, y)
+            v0 = state.v if (warm_start_v and isinstance(estimator, AID)) else None
+            dx, aux = hg(x, y, inner_batch, outer_batch, v0=v0)
+            x_new, opt = outer_update(outer, state.outer, x, dx, value_at(lr_x, k, "lr_x"), betas, eps)
+            G.record(G.UPDATE, x_new, opt.m, opt.v)
+        if check_finite and not in_functorch_transform():
+            # one fused check and one host read: x_new carries dx; aux.y, aux.v, the Adam
+            # moments are the rest of the new state
+            if not bool(T.all_finite(x_new, aux.y, *(t for t in (aux.v, opt.m, opt.v) if t is not None))):
+                where = G.locate(trace, "the hypergradient", **{"state.x": state.x, "state.y": state.y,
+                                                                  "state.v": state.v})
+                raise FloatingPointError(f"double_loop step {k}: non-finite values (NaN/inf) first appear in "
+                                         f"{where}; the state passed in is unchanged")
         v_new = {kk: t.detach() for kk, t in aux.v.items()} if aux.v is not None else None
         return DoubleLoopState(x_new, aux.y, v_new, opt, k + 1)
 

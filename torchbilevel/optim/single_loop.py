@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
+from .. import guards as G
 from .. import kernels as K
 from .. import tree as T
 from ..derivatives import fd_delta_from_norms, gradient
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
-                       in_functorch_transform)
+                       in_functorch_transform, use_func_mechanism)
 from .algorithm import Algorithm
 from .schedule import value_at
 
@@ -118,6 +119,10 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
     def init(x, y, v=None) -> SingleLoopState:
         """Initial state from dicts x, y (and optionally v; default 0).  Copies the inputs."""
         check_params(x, y)
+        if check_finite and not in_functorch_transform():
+            bad = G.check_inputs(x=x, y=y, v=v)
+            if bad is not None:
+                raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
         xf, lx = T.ravel(x)
         yf, ly = T.ravel(y)
         if v is None:
@@ -180,7 +185,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         else:
             def products(batch):
                 def at(xf, yf, vf):
-                    if use_vmap or in_functorch_transform():
+                    if use_vmap or use_func_mechanism():   # vmap, torch.func, torch.compile
                         _, pull = vjp(lambda a, b: grad(g, argnums=1)(a, b, batch), xf, yf)
                         return pull(vf)                    # one backward: (∇xy g·v, ∇yy g·v)
                     # autograd: ∇y g with its graph kept, then one backward gives both
@@ -212,7 +217,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
 
     def diagnose(ev: _Evaluations) -> str:
         parts = [("the inner gradient ∇y g (y update)", ev.gy),
-                 ("the " + ("finite-difference Hessian/Jacobian products" if fd else "Hessian/Jacobian-vector products"),
+                 ("the linear-system products " + ("(finite-difference ∇yy g·v and ∇xy g·v)" if fd
+                                                   else "(exact ∇yy g·v and ∇xy g·v)"),
                   torch.cat([ev.gy_prod.flatten(), ev.gx_prod.flatten()])),
                  ("the outer gradient ∇f", torch.cat([ev.fx.flatten(), ev.fy.flatten()]))]
         for what, t in parts:
@@ -230,6 +236,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         use_vmap = s.xf.is_cuda if batched is None else batched
         d_cur = fd_step(s.yf, s.vf) if fd else 1.0
         ev = evaluate(s, first, d_cur, use_vmap, inner_batch, outer_batch)
+        if problem.reduce is not None:
+            # data parallel: every gradient row of the step in one flat buffer, one all-reduce
+            ev = _Evaluations(*problem.average(*ev))
         rows_y, rows_x = stack_rows(ev, first)
         # "The first step, with no previous iterate, uses the plain stochastic gradients":
         # η = 1 zeroes the momentum bracket (prev rows equal cur rows there).
