@@ -93,6 +93,9 @@ def scenarios(problem, rank, world):
         s = algo.step(s, tr, va)
     out["double_loop ITD, 2 steps"] = {"x": s.x["h"], "y": s.y["w"]}
 
+    dx = tb.hypergrad(problem, tb.itd(5, 0.5, checkpoint=True))(x0, y0, tr, va)
+    out["hypergrad ITD checkpoint=True"] = {"dx": dx["h"]}
+
     est = tb.pzobo(4, 0.5, directions=3, mu=1e-3, generator=torch.Generator().manual_seed(7))
     dx = tb.hypergrad(problem, est)(x0, y0, tr, va)
     out["hypergrad PZOBO"] = {"dx": dx["h"]}
@@ -140,7 +143,7 @@ def results(tmp_path_factory):
 
 
 SCENARIOS = ["hypergrad AID-CG", "double_loop AID-CG, 3 steps", "double_loop stocBiO (minibatch streams), 3 steps",
-             "double_loop ITD, 2 steps", "hypergrad PZOBO", "fdehbo (minibatch streams), 5 steps",
+             "double_loop ITD, 2 steps", "hypergrad ITD checkpoint=True", "hypergrad PZOBO", "fdehbo (minibatch streams), 5 steps",
              "fmbo (minibatch streams), 5 steps"]
 
 

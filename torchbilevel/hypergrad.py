@@ -72,6 +72,10 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         check_params(x, y)
         if v0 is not None:
             T.check_same_keys(v0, y, "v0 and y")
+            for k, t in v0.items():
+                if not isinstance(t, Tensor) or t.shape != y[k].shape:
+                    raise ValueError(f"v0[{k!r}] must be a tensor shaped like y[{k!r}] {tuple(y[k].shape)}, "
+                                     f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         with G.tracing(check_finite) as trace:
             dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
         if check_finite:

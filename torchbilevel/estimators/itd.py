@@ -8,18 +8,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.func import grad
+from torch.func import grad, vjp
 
 from ..guards import INNER, OUTER, UNROLL_BACKWARD, record
 from ..problem import check_positive, check_steps, draw, use_func_mechanism
-from .base import HypergradAux, unroll
+from .base import HypergradAux, outer_grads, unroll
 
 
 class ITD(NamedTuple):
     """ITD estimator config: ``steps`` inner GD steps of size ``lr``, unrolled.
-    ``checkpoint=True`` recomputes each step's forward in the backward pass
-    (torch.utils.checkpoint) instead of storing it: memory O(1) in ``steps`` for
-    the stored activations at the price of one extra forward per step."""
+    ``checkpoint=True`` keeps only the inner iterates during the forward pass and
+    rebuilds each step's graph during the backward pass: memory of one step's graph plus
+    ``steps`` copies of y (instead of ``steps`` graphs), at the price of one extra
+    gradient evaluation of g per step (bench/RESULTS-reliability.md)."""
     steps: int
     lr: float
     checkpoint: bool = False
@@ -53,29 +54,52 @@ class ITD(NamedTuple):
 
 
 def _itd_checkpointed(cfg, problem, x, y, batches, ob):
-    # Autograd with torch.utils.checkpoint around each inner step: the activations of a
-    # step are recomputed during the backward pass instead of kept.
-    from torch.utils.checkpoint import checkpoint
-    xr = {k: t.detach().requires_grad_(True) for k, t in x.items()}
-    xk, yk = list(xr), list(y)
+    # Reverse-mode differentiation of the unroll with recomputation (Franceschi et al.
+    # 2017, reverse-HG): the forward keeps only the iterates y_0..y_D (no graph); the
+    # backward rebuilds one step's graph at a time and applies its vector-Jacobian product
+    #   ā_D = ∇y f(x, y_D),   dx = ∇x f(x, y_D) − lr Σ_t ∇xy g(x, y_t; S_t)·ā_{t+1},
+    #   ā_t = ā_{t+1} − lr ∇yy g(x, y_t; S_t)·ā_{t+1}          (y_{t+1} = y_t − lr ∇y g)
+    # Memory: one step's graph plus D copies of y, instead of D steps' graphs.
+    # (torch.utils.checkpoint around each step saved under 10% here: the double-backward
+    # graph that create_graph builds inside the region escaped the recomputation.)
+    from ..derivatives import gradient
+    ys = [{k: t.detach() for k, t in y.items()}]
+    for b in batches:                                        # forward: values only
+        _, (gy,) = gradient(problem.inner, x, ys[-1], b, argnums=1)
+        (gy,) = problem.average(gy)                          # data parallel: mean over ranks
+        ys.append({k: ys[-1][k] - cfg.lr * gy[k] for k in y})
+    y_d = ys[-1]
+    record(INNER, y_d)
+    fx, fy, fval = outer_grads(problem, x, y_d, ob)          # averaged, recorded as OUTER
+    dx, a = dict(fx), dict(fy)
+    for t in range(len(batches) - 1, -1, -1):                # backward: one step at a time
+        ja, ha = _step_vjp(problem, x, ys[t], batches[t], a)
+        dx = {k: dx[k] - cfg.lr * ja[k] for k in dx}
+        a = {k: a[k] - cfg.lr * ha[k] for k in a}
+    record(UNROLL_BACKWARD, dx)
+    return dx, HypergradAux(y_d, None, fval.detach())
 
-    def step(b, *flat):
-        xx, yy = dict(zip(xk, flat[:len(xk)])), dict(zip(yk, flat[len(xk):]))
-        yy = {k: v.requires_grad_(True) if not v.requires_grad else v for k, v in yy.items()}
-        val = problem.inner(xx, yy, b)
-        gys = torch.autograd.grad(val, list(yy.values()), create_graph=True)
-        (gy,) = problem.average(dict(zip(yk, gys)))          # data-parallel: mean over ranks
-        return tuple(yy[k] - cfg.lr * gy[k] for k in yk)
 
-    with torch.enable_grad():
-        ys = tuple(t.detach() for t in y.values())
-        for b in batches:
-            ys = checkpoint(step, b, *xr.values(), *ys, use_reentrant=False)
-        y_d = dict(zip(yk, ys))
-        record(INNER, y_d)
-        fval = problem.outer(xr, y_d, ob)
-        gx = torch.autograd.grad(fval, list(xr.values()), allow_unused=True)
-    return _finish(problem, xr, gx, y_d, fval)
+def _step_vjp(problem, x, y, batch, a):
+    """(∇xy g·a, ∇yy g·a) at (x, y; batch) from one backward of ⟨∇y g, a⟩ (autograd), or one
+    torch.func vjp inside transforms / torch.compile; averaged over a data-parallel group
+    with one all-reduce."""
+    if use_func_mechanism():
+        _, pull = vjp(lambda xx, yy: grad(problem.inner, argnums=1)(xx, yy, batch), x, y)
+        ja, ha = pull(a)
+    else:
+        xr = {k: t.detach().requires_grad_(True) for k, t in x.items()}
+        yr = {k: t.detach().requires_grad_(True) for k, t in y.items()}
+        inputs = list(xr.values()) + list(yr.values())
+        with torch.enable_grad():
+            gys = torch.autograd.grad(problem.inner(xr, yr, batch), list(yr.values()), create_graph=True,
+                                      allow_unused=True)
+            live = [(gi, a[k]) for gi, k in zip(gys, yr) if gi is not None and gi.requires_grad]
+            outs = (torch.autograd.grad([gi for gi, _ in live], inputs, [ai for _, ai in live], allow_unused=True)
+                    if live else [None] * len(inputs))
+        outs = [torch.zeros_like(t) if o is None else o.detach() for o, t in zip(outs, inputs)]
+        ja, ha = dict(zip(xr, outs[:len(xr)])), dict(zip(yr, outs[len(xr):]))
+    return problem.average(ja, ha)
 
 
 def _finish(problem, xr, gx, y_d, fval):
@@ -93,5 +117,6 @@ def itd(steps: int, lr: float, checkpoint: bool = False) -> ITD:
     """ITD-BiO hypergradient: unroll ``steps`` inner gradient steps of size ``lr`` from the
     given y (a fresh inner batch per step when the batch is an iterator) and backpropagate
     the outer loss through them.  Cost: about 2-3x ``steps`` inner gradients; memory grows
-    with ``steps`` (use ``checkpoint=True`` for long unrolls)."""
+    with ``steps`` (use ``checkpoint=True`` for long unrolls: one step's graph at a time,
+    one more gradient of g per step; same result up to rounding)."""
     return ITD(check_steps(steps, "steps"), check_positive(lr, "lr"), bool(checkpoint))
