@@ -1,18 +1,16 @@
 """Cost of one step / one hypergradient in units of one ``grad(g, argnums=(0, 1))`` evaluation,
 on LeNet hyper-representation (batch 128).  Prints a table; ``--json PATH`` writes it.
 
-    python bench/step_cost.py [--device cuda] [--repeats 20] [--json out.json]
+    python bench/step_cost.py [--device cuda] [--repeats 20] [--threads 1] [--memory] [--json out.json]
 
-Peak memory: on CUDA from torch.cuda.max_memory_allocated; on CPU the growth of the
-process's peak RSS while running one method in a fresh subprocess (``--memory``).
+Peak memory: on CUDA from torch.cuda.max_memory_allocated; on CPU (``--memory``) the peak
+bytes of tensors created during one call (bench/peak_memory.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -21,23 +19,26 @@ from torch.func import grad
 
 sys.path.insert(0, os.path.dirname(__file__))
 import lenet_problem  # noqa: E402
+from peak_memory import peak_tensor_bytes  # noqa: E402
 
 import torchbilevel as tb  # noqa: E402
 
 
 def timeit(fn, repeats, device):
+    # CPU: process CPU time (robust to other processes on a shared machine; with one
+    # torch thread it equals the compute time); CUDA: wall time after synchronising.
+    clock = time.perf_counter if device == "cuda" else time.process_time
     fn()  # warm-up
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    best = float("inf")
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     times.sort()
     return times[len(times) // 2]  # median
 
@@ -46,42 +47,27 @@ def methods(problem, x, y, device):
     """name -> zero-argument callable doing one step / one hypergradient."""
     common = dict(lr_x=0.01, lr_y=0.01, lr_v=0.01, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
     out = {}
-    for batched in (False, True):
-        for name, ctor in (("FdeHBO", tb.fdehbo), ("FMBO", tb.fmbo)):
-            algo = ctor(problem, batched=batched, **common)
-            state = algo.init(x, y)
+    for name, algo in (("FdeHBO step (batched ±)", tb.fdehbo(problem, batched=True, **common)),
+                       ("FdeHBO step (two evaluations)", tb.fdehbo(problem, batched=False, **common)),
+                       ("FMBO step", tb.fmbo(problem, **common))):
+        state = algo.init(x, y)
 
-            def run(algo=algo, box=[state]):
-                # keep the state one step in (t >= 1: previous-iterate evaluations included)
-                box[0] = algo.step(box[0] if box[0].step > 0 else algo.step(box[0], ib, ob), ib, ob)
-            out[f"{name} step (vmap={batched})"] = run
+        def run(algo=algo, box=[state]):
+            # keep the state one step in (t >= 1: previous-iterate evaluations included)
+            box[0] = algo.step(box[0] if box[0].step > 0 else algo.step(box[0], ib, ob), ib, ob)
+        out[name] = run
     for mode in ("autograd", "func"):
         hg = tb.hypergrad(problem, tb.aid(tb.cg(10), mode=mode))
         out[f"AID-CG(10) hypergrad [{mode}]"] = (lambda hg=hg: hg(x, y, ib, ob))
     hg = tb.hypergrad(problem, tb.stocbio(10, 0.01))
-    out["stocBiO(Q=10) hypergrad"] = lambda: hg(x, y, ib, ob)
+    out["stocBiO(Q=10) hypergrad"] = lambda hg=hg: hg(x, y, ib, ob)
     hg = tb.hypergrad(problem, tb.itd(10, 0.01))
-    out["ITD(10) hypergrad"] = lambda: hg(x, y, ib, ob)
+    out["ITD(10) hypergrad"] = lambda hg=hg: hg(x, y, ib, ob)
     for vec in (True, False):
         hg = tb.hypergrad(problem, tb.pzobo(10, 0.01, 10, 0.01, vectorize=vec,
                                             generator=torch.Generator(device=device).manual_seed(0)))
         out[f"PZOBO(N=10,Q=10) hypergrad [vmap={vec}]"] = (lambda hg=hg: hg(x, y, ib, ob))
     return out
-
-
-def rss_growth(name, device):
-    """Peak-RSS growth (MiB) of running method ``name`` a few times in a fresh process."""
-    code = (
-        "import sys, resource; sys.path.insert(0, %r); import step_cost, lenet_problem, torch;"
-        "p, x, y, ib, ob = lenet_problem.make(device=%r);"
-        "step_cost.ib, step_cost.ob = ib, ob;"
-        "m = step_cost.methods(p, x, y, %r)[%r];"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "[m() for _ in range(3)];"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)"
-    ) % (os.path.dirname(os.path.abspath(__file__)), device, device, name)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -90,7 +76,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--memory", action="store_true", help="also measure peak memory per method")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     global ib, ob
     problem, x, y, ib, ob = lenet_problem.make(device=a.device)
     unit = timeit(lambda: grad(problem.inner, argnums=(0, 1))(x, y, ib), a.repeats, a.device)
@@ -103,7 +91,7 @@ def main(argv=None):
         if a.device == "cuda":
             row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
         elif a.memory:
-            row["peak_MiB"] = rss_growth(name, a.device)
+            row["peak_MiB"] = peak_tensor_bytes(fn) / 2**20
         rows.append(row)
     print(f"device={a.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'method':42s} {'ms':>9s} {'units':>7s} {'peak MiB':>9s}")

@@ -23,10 +23,6 @@ _DOC_ARGS = """
             ``float('inf')`` disables the projection.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton imports),
             ``"torch"`` or ``"triton"`` for the fused update.
-        batched: evaluate the gradients at the step's points (current/previous iterate,
-            y ± δv) in one ``vmap`` call per kind (True) or a loop (False); default: vmap on
-            CUDA, loop on CPU (measured in bench/RESULTS.md).  vmap needs g and f to be
-            vmap-compatible (no ``.item()`` or data-dependent control flow).
         independent_outer_sample: draw ξ̄_t (outer hypergradient) independently of ψ_t
             (linear system), as the paper's analysis does; costs 4 (FdeHBO) more gradient
             evaluations of g per step.  Default: ξ̄_t = ψ_t, so the y ± δv evaluations give
@@ -50,6 +46,11 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
     """FdeHBO (Alg. 1 of the FdeHBO paper): single loop, recursive momentum on y, v and x,
     finite-difference Hessian/Jacobian-vector products, v projected on a ball.
 
+    batched: take the two finite-difference points y ± δv through one ``vmap`` over the
+        sign with x unbatched, so the x-only part of g (a network body) runs forward and
+        backward once for both (default True; measured 1.0 vs 2.2 gradient evaluations on
+        LeNet, bench/RESULTS.md).  False evaluates g twice in plain autograd, for
+        objectives vmap cannot trace (``.item()``, data-dependent control flow).
     delta: the finite-difference step δ > 0; default None picks δ_t each step so that
         ‖δ_t v_t‖ = ε^(1/3)(1 + ‖y_t‖) (ε: machine epsilon of y's dtype, float32 at least;
         see ``torchbilevel.derivatives.fd_delta``).  Accurate where g is smooth along
@@ -62,12 +63,12 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
 
 
 def fmbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
-         backend: str = "auto", batched: Optional[bool] = None,
+         backend: str = "auto",
          independent_outer_sample: bool = False, check_finite: bool = True):
     """FMBO (Alg. 2 of the FdeHBO paper): FdeHBO with exact products — one backward of
     ⟨∇y g, v⟩ gives ∇yy g·v and ∇xy g·v together (eq. (12), (13))."""
     return single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
-                       eta_v=eta_v, radius=radius, delta=None, backend=backend, batched=batched,
+                       eta_v=eta_v, radius=radius, delta=None, backend=backend, batched=None,
                        independent_outer_sample=independent_outer_sample, check_finite=check_finite,
                        name="fmbo")
 

@@ -27,7 +27,7 @@ from torch.func import grad, vjp, vmap
 from .. import guards as G
 from .. import kernels as K
 from .. import tree as T
-from ..derivatives import fd_delta_from_norms, gradient
+from ..derivatives import exact_products, fd_delta_from_norms, fd_products, gradient
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
                        in_functorch_transform, use_func_mechanism)
 from .algorithm import Algorithm
@@ -74,21 +74,10 @@ def _flat(fn, lx, ly):
     return lambda xf, yf, batch: fn(lx.unravel(xf), ly.unravel(yf), batch)
 
 
-def _points(fun, batched: bool, *stacks):
-    """Evaluate ``fun(*row)`` at each row of the stacked inputs: one vmap call or a loop.
-    Returns stacked outputs (tuples stacked elementwise)."""
-    if batched:
-        return vmap(fun)(*stacks)
-    outs = [fun(*row) for row in zip(*stacks)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.stack(o) for o in zip(*outs))
-    return torch.stack(outs)
-
-
 class _Evaluations(NamedTuple):
     gy: Tensor      # (2, d): ∇y g at cur, prev on ζ
-    gy_prod: Tensor  # (4, d) fd: ∇y g at cur±, prev± ; (2, d) exact: ∇yy g·v at cur, prev
-    gx_prod: Tensor  # (4, p) fd: ∇x g at cur±, prev± ; (2, p) exact: ∇xy g·v at cur, prev
+    gy_prod: Tensor  # (2, d): ∇yy g·v at cur, prev (FD eq. (9) for FdeHBO, exact for FMBO)
+    gx_prod: Tensor  # (2, p): ∇xy g·v at cur, prev (FD eq. (11) for FdeHBO, exact for FMBO)
     fx: Tensor      # (2, p): ∇x f at cur, prev
     fy: Tensor      # (2, d): ∇y f at cur, prev
 
@@ -142,77 +131,51 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                                 yf.dtype)
         return float(d)          # one host read per step; pass delta= to avoid it
 
-    def evaluate(s: SingleLoopState, first: bool, d_cur: float, use_vmap: bool, inner_batch, outer_batch):
+    def evaluate(s: SingleLoopState, first: bool, d_cur: float, inner_batch, outer_batch) -> _Evaluations:
+        """All gradient evaluations of one step: at the current iterate and (t ≥ 1) at the
+        previous one on the current samples, as eq. (6), (7), (10) require."""
         lx, ly = s.layout_x, s.layout_y
         g = _flat(g_flat_src, lx, ly)
         f = _flat(f_flat_src, lx, ly)
-        zeta = draw(inner_batch)                          # ζ_t: the y update's sample
+        zeta = draw(inner_batch)                              # ζ_t: the y update's sample
         psi_g, psi_f = draw(inner_batch), draw(outer_batch)   # ψ_t: the linear system's sample
         if independent_outer_sample:
             xi_g, xi_f = draw(inner_batch), draw(outer_batch)  # ξ̄_t: the outer gradient's sample
         else:
             xi_g, xi_f = psi_g, psi_f
-        xs = s.xf.unsqueeze(0) if first else torch.stack([s.xf, s.x_prev])
-        ys = s.yf.unsqueeze(0) if first else torch.stack([s.yf, s.y_prev])
-        vs = s.vf.unsqueeze(0) if first else torch.stack([s.vf, s.v_prev])
-
-        mode = "func" if use_vmap else "auto"       # autograd outside vmap: measured faster
-
-        def grad_of(fn, argnums, batch):
-            def at(xf, yf):
-                gr = gradient(fn, xf, yf, batch, argnums=argnums, mode=mode)[1]
-                return gr[0] if len(gr) == 1 else gr
-            return at
-
-        gy = _points(grad_of(g, (1,), zeta), use_vmap, xs, ys)
-        fx, fy = _points(grad_of(f, (0, 1), psi_f), use_vmap, xs, ys)
-        if xi_f is not psi_f:
-            fx = _points(grad_of(f, (0,), xi_f), use_vmap, xs, ys)
-        if fd:
-            deltas = [d_cur] if first else [d_cur, s.delta_prev]
-            # points z ± δ v for cur (and prev): rows cur+, cur−, prev+, prev−;
-            # the perturbation is formed in float32 (float64 for float64 y), then stored
-            work = torch.float64 if s.yf.dtype == torch.float64 else torch.float32
-            sgn_d = torch.tensor([sg * dd for dd in deltas for sg in (1.0, -1.0)], dtype=work, device=s.yf.device)
-            rep = lambda t: t.repeat_interleave(2, dim=0)
-            yp = (rep(ys).to(work) + sgn_d.unsqueeze(1) * rep(vs).to(work)).to(s.yf.dtype)
-            xp = rep(xs)
-            if xi_g is psi_g:
-                gxp, gyp = _points(grad_of(g, (0, 1), psi_g), use_vmap, xp, yp)
+        points = [(s.xf, s.yf, s.vf, d_cur)]
+        if not first:
+            points.append((s.x_prev, s.y_prev, s.v_prev, s.delta_prev))
+        gy, fx, fy, hv, jv = [], [], [], [], []
+        for xf, yf, vf, dl in points:
+            gy.append(gradient(g, xf, yf, zeta, argnums=1)[1][0])                  # ∇y g(·; ζ)
+            _, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                           # ∇f(·; ψ)
+            if xi_f is not psi_f:
+                fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]                  # ∇x f(·; ξ̄)
+            fx.append(fx_i)
+            fy.append(fy_i)
+            if fd:
+                # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
+                both = xi_g is psi_g
+                pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=batched, wrt=(0, 1) if both else (1,))
+                hv.append(pr.hvp)
+                jv.append(pr.mixed if both else
+                          fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=batched, wrt=(0,)).mixed)
             else:
-                gyp = _points(grad_of(g, (1,), psi_g), use_vmap, xp, yp)
-                gxp = _points(grad_of(g, (0,), xi_g), use_vmap, xp, yp)
-        else:
-            def products(batch):
-                def at(xf, yf, vf):
-                    if use_vmap or use_func_mechanism():   # vmap, torch.func, torch.compile
-                        _, pull = vjp(lambda a, b: grad(g, argnums=1)(a, b, batch), xf, yf)
-                        return pull(vf)                    # one backward: (∇xy g·v, ∇yy g·v)
-                    # autograd: ∇y g with its graph kept, then one backward gives both
-                    xr, yr = xf.detach().requires_grad_(True), yf.detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        (gyr,) = torch.autograd.grad(g(xr, yr, batch), [yr], create_graph=True)
-                        jv, hv = torch.autograd.grad(gyr, [xr, yr], vf, allow_unused=True)
-                    jv = torch.zeros_like(xf) if jv is None else jv.detach()
-                    hv = torch.zeros_like(yf) if hv is None else hv.detach()
-                    return jv, hv
-                return at
-            gxp, gyp = _points(products(psi_g), use_vmap, xs, ys, vs)
-            if xi_g is not psi_g:
-                gxp, _ = _points(products(xi_g), use_vmap, xs, ys, vs)
-        return _Evaluations(gy, gyp, gxp, fx, fy)
+                jv_i, hv_i = exact_products(g, xf, yf, vf, psi_g)                  # one backward
+                if xi_g is not psi_g:
+                    jv_i = exact_products(g, xf, yf, vf, xi_g)[0]
+                hv.append(hv_i)
+                jv.append(jv_i)
+        stack = lambda rows: torch.stack(rows if not first else rows * 2)   # prev = cur at t = 0
+        return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy))
 
-    def stack_rows(ev: _Evaluations, first: bool):
-        """The stacked gradient buffers of torchbilevel.kernels (prev rows = cur rows at t=0)."""
-        dup = (lambda t: torch.cat([t, t])) if first else (lambda t: t)
-        if fd:
-            gyp = ev.gy_prod if not first else torch.cat([ev.gy_prod, ev.gy_prod])
-            gxp = ev.gx_prod if not first else torch.cat([ev.gx_prod, ev.gx_prod])
-            rows_y = torch.cat([dup(ev.gy), gyp, dup(ev.fy)])        # (8, d)
-            rows_x = torch.cat([dup(ev.fx), gxp])                      # (6, p)
-        else:
-            rows_y = torch.cat([dup(ev.gy), dup(ev.gy_prod), dup(ev.fy)])   # (6, d)
-            rows_x = torch.cat([dup(ev.fx), dup(ev.gx_prod)])               # (4, p)
+    def stack_rows(ev: _Evaluations):
+        """The stacked gradient buffers of torchbilevel.kernels (products layout, fd=False):
+        rows_y = [gy_cur, gy_prev, Hv_cur, Hv_prev, fy_cur, fy_prev],
+        rows_x = [fx_cur, fx_prev, Jv_cur, Jv_prev]."""
+        rows_y = torch.cat([ev.gy, ev.gy_prod, ev.fy]).to(ev.gy.dtype)
+        rows_x = torch.cat([ev.fx, ev.gx_prod]).to(ev.fx.dtype)
         return rows_y.contiguous(), rows_x.contiguous()
 
     def diagnose(ev: _Evaluations) -> str:
@@ -233,26 +196,23 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         t = s.step
         first = t == 0
-        use_vmap = s.xf.is_cuda if batched is None else batched
         d_cur = fd_step(s.yf, s.vf) if fd else 1.0
-        ev = evaluate(s, first, d_cur, use_vmap, inner_batch, outer_batch)
+        ev = evaluate(s, first, d_cur, inner_batch, outer_batch)
         if problem.reduce is not None:
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
-        rows_y, rows_x = stack_rows(ev, first)
+        rows_y, rows_x = stack_rows(ev)
         # "The first step, with no previous iterate, uses the plain stochastic gradients":
         # η = 1 zeroes the momentum bracket (prev rows equal cur rows there).
         e = (lambda sch, nm: 1.0) if first else (lambda sch, nm: value_at(sch, t, nm, unit=True))
-        scale_cur = 0.5 / d_cur if fd else 1.0
-        scale_prev = (scale_cur if first else 0.5 / s.delta_prev) if fd else 1.0
         y_new, w, h_g, h_R, w_sq = K.inner_update(
             s.yf, s.vf, s.h_g, s.h_R, rows_y, beta=value_at(lr_y, t, "lr_y"), lam=value_at(lr_v, t, "lr_v"),
-            eta_g=e(eta_y, "eta_y"), eta_R=e(eta_v, "eta_v"), scale_cur=scale_cur, scale_prev=scale_prev,
-            fd=fd, backend=backend)
+            eta_g=e(eta_y, "eta_y"), eta_R=e(eta_v, "eta_v"), scale_cur=1.0, scale_prev=1.0,
+            fd=False, backend=backend)
         v_new = K.project_ball(w, w_sq, radius, backend=backend)
         x_new, h_f = K.outer_update(
             s.xf, s.h_f, rows_x, alpha=value_at(lr_x, t, "lr_x"), eta_f=e(eta_x, "eta_x"),
-            scale_cur=scale_cur, scale_prev=scale_prev, fd=fd, backend=backend)
+            scale_cur=1.0, scale_prev=1.0, fd=False, backend=backend)
         if check_finite and not in_functorch_transform():
             # one fused reduction and one host read per step
             probe = w_sq.float() + x_new.float().sum() + y_new.float().sum()
