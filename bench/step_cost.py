@@ -56,6 +56,20 @@ def methods(problem, x, y, device):
             # keep the state one step in (t >= 1: previous-iterate evaluations included)
             box[0] = algo.step(box[0] if box[0].step > 0 else algo.step(box[0], ib, ob), ib, ob)
         out[name] = run
+    # the parts a single-loop step is made of, on flat buffers as single_loop uses them
+    from torchbilevel import tree as T
+    from torchbilevel.derivatives import exact_products, fd_products, gradient
+    xf, lx = T.ravel(x)
+    yf, ly = T.ravel(y)
+    vf = 0.1 * torch.randn_like(yf)
+    g = lambda a, b, bt: problem.inner(lx.unravel(a), ly.unravel(b), bt)
+    f = lambda a, b, bt: problem.outer(lx.unravel(a), ly.unravel(b), bt)
+    out["part: FD ± pair, vmapped (eq. 9, 11)"] = lambda: fd_products(g, xf, yf, vf, ib, delta=0.01)
+    out["part: FD ± pair, two autograd forwards"] = lambda: fd_products(g, xf, yf, vf, ib, delta=0.01,
+                                                                      batched=False)
+    out["part: exact HVP+JVP, one backward"] = lambda: exact_products(g, xf, yf, vf, ib)
+    out["part: grad_y g"] = lambda: gradient(g, xf, yf, ib, argnums=1)
+    out["part: grad f (x and y)"] = lambda: gradient(f, xf, yf, ob)
     for mode in ("autograd", "func"):
         hg = tb.hypergrad(problem, tb.aid(tb.cg(10), mode=mode))
         out[f"AID-CG(10) hypergrad [{mode}]"] = (lambda hg=hg: hg(x, y, ib, ob))
