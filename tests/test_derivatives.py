@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dense import flat, unflat
 from torchbilevel import derivatives as D
 
 DT = torch.float64
@@ -24,17 +25,6 @@ def g(x, y, batch):
     return F.softplus(-t * logits).mean() + 0.5 * (torch.exp(x["loglam"]) * y["w"] ** 2).sum() + 0.05 * y["b"] ** 2
 
 
-def unflat(vec, shapes):
-    out, i = {}, 0
-    for k, s in shapes.items():
-        n = math.prod(s)
-        out[k] = vec[i:i + n].reshape(s)
-        i += n
-    return out
-
-
-def flat(tree):
-    return torch.cat([t.reshape(-1) for t in tree.values()])
 
 
 def dense_blocks(x, y, batch):

@@ -7,21 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import torchbilevel as tb
+from dense import flat, unflat
 
 DT = torch.float64
 
 
-def unflat(vec, shapes):
-    out, i = {}, 0
-    for k, s in shapes.items():
-        n = math.prod(s)
-        out[k] = vec[i:i + n].reshape(s)
-        i += n
-    return out
-
-
-def flat(tree):
-    return torch.cat([t.reshape(-1) for t in tree.values()])
 
 
 def assert_tree_close(tree, ref_vec, rtol, atol):
