@@ -347,3 +347,14 @@ def test_guards_cost_nothing_when_disabled():
         G.record(G.LINEAR, {"v": torch.tensor([1.0, math.inf])})
         assert tr.first_nonfinite() == G.LINEAR
     assert not G._TRACES
+
+
+@pytest.mark.parametrize("name", list(SINGLE))
+def test_single_loop_nan_state_is_named(name):
+    x0, y0 = params()
+    ib, ob = batches()
+    algo = SINGLE[name](tb.Bilevel(outer, inner), **HYPER)
+    s = algo.step(algo.init(x0, y0), ib, ob)
+    s = s._replace(h_f=torch.full_like(s.h_f, math.nan))         # e.g. a corrupted checkpoint
+    with Untouched(s), pytest.raises(FloatingPointError, match=r"inputs: state\.h_f holds NaN/inf"):
+        algo.step(s, ib, ob)

@@ -217,7 +217,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             # one fused reduction and one host read per step
             probe = w_sq.float() + x_new.float().sum() + y_new.float().sum()
             if not bool(torch.isfinite(probe)):
-                raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {diagnose(ev)}; "
+                where = G.locate(None, diagnose(ev), **{f"state.{k}": getattr(s, k)
+                                                         for k in ("xf", "yf", "vf", "h_f", "h_g", "h_R")})
+                raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; "
                                          "the state passed in is unchanged")
         return SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
                                d_cur, t + 1, s.layout_x, s.layout_y)
