@@ -1,6 +1,7 @@
 """torch.compile of the hypergradient transforms and of algorithm steps: same results as
 eager; one graph (fullgraph=True) wherever the method allows; sync-free single-loop steps
-with ``check_finite=False`` and a given ``delta``; the finite guard still fires when compiled.
+with ``check_finite=False`` (given or default ``delta``); the finite guard still fires when
+compiled.
 
 Compilation is slow on a 2-core CPU, so the default inductor backend compiles the two main
 cases (AID hypergradient, FdeHBO step) and the ``aot_eager`` backend — the same Dynamo
@@ -103,6 +104,19 @@ def test_double_loop_step_compiles():
         s, c = algo.step(s, b, b), step(c, b, b)
     assert_close(c.x, s.x)
     assert_close(c.y, s.y)
+
+
+def test_fdehbo_default_delta_step_is_sync_free_too():
+    # the default δ_t stays a 0-d tensor on the device: no host read with check_finite=False
+    prob, x, y, b = problem()
+    algo = tb.fdehbo(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
+                     check_finite=False)
+    step = torch.compile(algo.step, fullgraph=True, backend="aot_eager")
+    s, c = algo.init(x, y), algo.init(x, y)
+    for _ in range(3):
+        s, c = algo.step(s, b, b), step(c, b, b)
+    torch.testing.assert_close(c.xf, s.xf, rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(c.vf, s.vf, rtol=RTOL, atol=1e-12)
 
 
 def test_fmbo_step_compiles_in_one_graph():

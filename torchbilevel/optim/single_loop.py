@@ -51,7 +51,7 @@ class SingleLoopState(NamedTuple):
     x_prev: Tensor
     y_prev: Tensor
     v_prev: Tensor
-    delta_prev: float
+    delta_prev: object        # float (given delta, and at t = 0) or 0-d tensor (default δ)
     step: int
     layout_x: T.Raveled
     layout_y: T.Raveled
@@ -122,16 +122,17 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         zero = lambda t: torch.zeros_like(t)
         return SingleLoopState(xf, yf, vf, zero(xf), zero(yf), zero(yf), xf, yf, vf, 0.0, 0, lx, ly)
 
-    def fd_step(yf, vf) -> float:
-        """δ_t: the user's delta, or the scale-aware default of derivatives.fd_delta."""
+    def fd_step(yf, vf):
+        """δ_t: the user's delta (a float), or the scale-aware default of derivatives.fd_delta
+        as a 0-d float32/float64 tensor that stays on the device (no host read, so the step
+        compiles to one graph and never synchronises; the same value as its float)."""
         if delta is not None:
             return delta
         work = torch.float64 if yf.dtype == torch.float64 else torch.float32
-        d = fd_delta_from_norms(torch.linalg.vector_norm(yf.to(work)), torch.linalg.vector_norm(vf.to(work)),
-                                yf.dtype)
-        return float(d)          # one host read per step; pass delta= to avoid it
+        return fd_delta_from_norms(torch.linalg.vector_norm(yf.to(work)), torch.linalg.vector_norm(vf.to(work)),
+                                   yf.dtype)
 
-    def evaluate(s: SingleLoopState, first: bool, d_cur: float, inner_batch, outer_batch) -> _Evaluations:
+    def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch) -> _Evaluations:
         """All gradient evaluations of one step: at the current iterate and (t ≥ 1) at the
         previous one on the current samples, as eq. (6), (7), (10) require."""
         lx, ly = s.layout_x, s.layout_y
