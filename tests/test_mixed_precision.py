@@ -2,15 +2,16 @@
 steps stay float32, and an FdeHBO trajectory in bfloat16 tracks the float32 one.
 
 Tolerances (smooth logistic problem, all numbers measured on this problem):
-- hypergradients in bfloat16 vs float64: relative error <= 3e-2 (measured 0.2-1.4%);
+- hypergradients in bfloat16 vs float64: relative error <= 3e-2 (measured 0.3-0.6%);
   bfloat16 keeps 8 significant bits, unit roundoff u = 2^-8 = 3.9e-3;
 - FdeHBO / FMBO with bfloat16 state vs float32, 150 steps: max over steps of
-  ||z_bf16 - z_f32|| / max(1, ||z_f32||) <= 6e-2 with z = (x, y) (measured 2.4% FdeHBO,
-  4.1% FMBO): the state itself is stored in bfloat16, so an update smaller than half an
+  ||z_bf16 - z_f32|| / max(1, ||z_f32||) <= 6e-2 with z = (x, y) (measured 2.3% FdeHBO,
+  4.2% FMBO): the state itself is stored in bfloat16, so an update smaller than half an
   ulp of x is lost and the iterates stall within a few ulps of the float32 path;
-  float16 (11 bits) <= 1e-2 (measured 0.5%);
+  float16 (11 bits) <= 1e-2 (measured 0.3-0.4%);
 - float32 master parameters with bfloat16 compute inside the objectives (the usual mixed
-  precision recipe): <= 1e-2 for FMBO and for FdeHBO with delta=0.2 (measured 0.2%).
+  precision recipe): <= 1e-2 for FMBO and for FdeHBO with delta=0.2 (measured 0.2% and
+  0.5%; 4.1% with the default δ, whose float32 rule is too small for bfloat16 gradients).
 """
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_fd_step_and_difference_are_float32_for_half_inputs():
     exact = Dv.hvp(inner, *start(torch.float64), cast(v, torch.float64), train)
     err = sum(((p.hvp[k].double() - exact[k]) ** 2).sum() for k in exact).sqrt() / \
         sum((exact[k] ** 2).sum() for k in exact).sqrt()
-    assert err <= 3e-2                                         # measured 0.8% with δ = 0.2
+    assert err <= 3e-2                                         # measured 2.4% with δ = 0.2 (16% default δ)
     assert Dv.fd_delta(y, v).dtype == torch.float32
 
 

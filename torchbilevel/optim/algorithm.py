@@ -11,6 +11,13 @@ class Algorithm(NamedTuple):
     ``state_dict(state)`` returns a dict that ``torch.save`` writes (including the state
     of random generators the algorithm owns); ``load_state_dict(d)`` returns the state and
     restores those generators, so a resumed run continues bit-identically on CPU.
+
+    The library does not own your batch iterators: when ``inner_batch`` / ``outer_batch``
+    are iterators, save their position next to ``state_dict(state)`` and re-create them
+    there on resume (a seeded sampler whose i-th batch depends only on (seed, i) makes this
+    one integer; tests/test_checkpoint.py shows it).  Objectives must be pure functions of
+    their arguments for the same reason (and for ``tb.itd(..., checkpoint=True)``, which
+    evaluates g again during the backward pass).
     """
     init: Callable[..., Any]
     step: Callable[..., Any]
