@@ -87,7 +87,9 @@ def pzobo(steps: int, lr: float, directions: int, mu: float, *, antithetic: bool
             sampling variance of u·uᵀ: measured (bench/RESULTS.md §3) no gain at small μ,
             32% lower error at μ = 0.3 for the same Q, worse at the same number of paths.
             Keep μ small and spend paths on directions unless μ must be large.
-        generator: a ``torch.Generator`` for the directions (reproducible runs).
+        generator: a ``torch.Generator`` for the directions (reproducible runs; saved by
+            ``double_loop``'s ``state_dict``).  Data parallel: seed it identically on
+            every rank, so that all ranks use the same directions.
         vectorize: run the Q perturbed paths in one ``torch.func.vmap`` call (True) or a
             Python loop (False); default: vmap on CUDA, loop on CPU (on CPU, vmap over
             per-direction conv weights was measured 8x slower than the loop, bench/RESULTS.md).
