@@ -183,11 +183,15 @@ def test_fd_delta_scale_rule(dtype):
     assert math.isclose(d.item() * nv, eps ** (1 / 3) * (1 + ny), rel_tol=1e-5)
 
 
-def test_fd_delta_half_precision_uses_float32_eps():
-    y = {"w": torch.tensor([3.0, 4.0], dtype=torch.float16)}
-    v = {"w": torch.tensor([1.0, 0.0], dtype=torch.float16)}
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fd_delta_half_precision_uses_its_eps_in_float32(dtype):
+    # the gradients are rounded to the half dtype: a float32-sized perturbation would sit
+    # below one ulp of y (measured 16-56% error in bfloat16), so ε is the half dtype's
+    y = {"w": torch.tensor([3.0, 4.0], dtype=dtype)}
+    v = {"w": torch.tensor([1.0, 0.0], dtype=dtype)}
     d = D.fd_delta(y, v)
-    assert math.isclose(d.item(), torch.finfo(torch.float32).eps ** (1 / 3) * 6.0, rel_tol=1e-5)
+    assert d.dtype == torch.float32
+    assert math.isclose(d.item(), torch.finfo(dtype).eps ** (1 / 3) * 6.0, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

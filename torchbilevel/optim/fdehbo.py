@@ -52,7 +52,7 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
         LeNet, bench/RESULTS.md).  False evaluates g twice in plain autograd, for
         objectives vmap cannot trace (``.item()``, data-dependent control flow).
     delta: the finite-difference step δ > 0; default None picks δ_t each step so that
-        ‖δ_t v_t‖ = ε^(1/3)(1 + ‖y_t‖) (ε: machine epsilon of y's dtype, float32 at least;
+        ‖δ_t v_t‖ = ε^(1/3)(1 + ‖y_t‖) (ε: machine epsilon of y's dtype, δ kept in float32;
         see ``torchbilevel.derivatives.fd_delta``).  Accurate where g is smooth along
         y ± δv (linear / softmax heads); across ReLU kinks the FD error is O(1).
     """ + _DOC_ARGS
