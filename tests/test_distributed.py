@@ -7,7 +7,6 @@ Run ``python tests/test_distributed.py`` to print the deviations table
 (bench/RESULTS-reliability.md).
 """
 import datetime
-import math
 import os
 import sys
 

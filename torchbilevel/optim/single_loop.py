@@ -29,7 +29,7 @@ from .. import kernels as K
 from .. import tree as T
 from ..derivatives import exact_products, fd_delta_from_norms, fd_products, gradient
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
-                       in_functorch_transform, use_func_mechanism)
+                       in_functorch_transform)
 from .algorithm import Algorithm
 from .schedule import value_at
 
