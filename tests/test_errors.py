@@ -1,6 +1,5 @@
 """Clear errors that name the offending argument, FloatingPointError naming the stage where
 NaN/inf arose, and the caller's tensors untouched after every failure."""
-import itertools
 import math
 
 import pytest

@@ -11,7 +11,7 @@ from .. import tree as T
 from ..derivatives import averaged, linearize
 from ..guards import LINEAR, MIXED, record
 from ..problem import draw
-from ..solvers import CG, FixedPoint, is_solver, solve
+from ..solvers import is_solver, solve
 from .base import HypergradAux, outer_grads
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import torch
-
 from .. import guards as G
 from .. import tree as T
 from ..derivatives import gradient

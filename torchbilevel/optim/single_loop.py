@@ -17,12 +17,10 @@ All state lives in flat contiguous buffers; the elementwise bookkeeping is the f
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.func import grad, vjp, vmap
 
 from .. import guards as G
 from .. import kernels as K
