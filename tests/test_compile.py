@@ -106,28 +106,19 @@ def test_double_loop_step_compiles():
     assert_close(c.y, s.y)
 
 
-def test_fdehbo_default_delta_step_is_sync_free_too():
-    # the default δ_t stays a 0-d tensor on the device: no host read with check_finite=False
+@pytest.mark.parametrize("ctor", [tb.fdehbo, tb.fmbo])
+def test_single_loop_step_compiles_in_one_graph(ctor):
+    # FdeHBO with the default δ_t (a 0-d device tensor, no host read) and FMBO: one graph
+    # with check_finite=False, equal to eager
     prob, x, y, b = problem()
-    algo = tb.fdehbo(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
-                     check_finite=False)
+    algo = ctor(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
+                check_finite=False)
     step = torch.compile(algo.step, fullgraph=True, backend="aot_eager")
     s, c = algo.init(x, y), algo.init(x, y)
     for _ in range(3):
         s, c = algo.step(s, b, b), step(c, b, b)
     torch.testing.assert_close(c.xf, s.xf, rtol=RTOL, atol=1e-12)
     torch.testing.assert_close(c.vf, s.vf, rtol=RTOL, atol=1e-12)
-
-
-def test_fmbo_step_compiles_in_one_graph():
-    prob, x, y, b = problem()
-    algo = tb.fmbo(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
-                   check_finite=False)
-    step = torch.compile(algo.step, fullgraph=True, backend="aot_eager")
-    s, c = algo.init(x, y), algo.init(x, y)
-    for _ in range(3):
-        s, c = algo.step(s, b, b), step(c, b, b)
-    torch.testing.assert_close(c.xf, s.xf, rtol=RTOL, atol=1e-12)
 
 
 def test_finite_guards_fire_under_compile():
