@@ -179,8 +179,9 @@ def test_fd_delta_scale_rule(dtype):
     eps = torch.finfo(dtype).eps
     ny = flat(y).double().norm().item()
     nv = flat(v).double().norm().item()
-    # the docstring's rule: ‖δ v‖ = ε^{1/3} (1 + ‖y‖)
-    assert math.isclose(d.item() * nv, eps ** (1 / 3) * (1 + ny), rel_tol=1e-5)
+    n = sum(t.numel() for t in y.values())
+    # the docstring's rule: ‖δ v‖ = ε^{1/3} (1 + rms(y)), rms(y) = ‖y‖/√dim(y)
+    assert math.isclose(d.item() * nv, eps ** (1 / 3) * (1 + ny / math.sqrt(n)), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -191,7 +192,8 @@ def test_fd_delta_half_precision_uses_its_eps_in_float32(dtype):
     v = {"w": torch.tensor([1.0, 0.0], dtype=dtype)}
     d = D.fd_delta(y, v)
     assert d.dtype == torch.float32
-    assert math.isclose(d.item(), torch.finfo(dtype).eps ** (1 / 3) * 6.0, rel_tol=1e-5)
+    # ‖y‖ = 5 over 2 entries: rms(y) = 5/√2
+    assert math.isclose(d.item(), torch.finfo(dtype).eps ** (1 / 3) * (1 + 5 / math.sqrt(2)), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -209,3 +211,35 @@ def test_fd_zero_direction_is_finite(dtype, batched):
         for t in tree.values():
             assert t.dtype == dtype
             assert torch.equal(t, torch.zeros_like(t))
+
+
+def _softmax_head_problem():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 20, dtype=torch.float64, generator=gen)
+    t = torch.randint(0, 5, (64,), generator=gen)
+    x = {"A": torch.randn(20, 16, dtype=torch.float64, generator=gen) / 20 ** 0.5}
+    y = {"W": torch.randn(16, 5, dtype=torch.float64, generator=gen), "b": torch.randn(5, dtype=torch.float64, generator=gen)}
+    v = {"W": torch.randn(16, 5, dtype=torch.float64, generator=gen), "b": torch.randn(5, dtype=torch.float64, generator=gen)}
+
+    def g_head(x, y, b):
+        X, t = b
+        z = torch.tanh(X.to(x["A"].dtype) @ x["A"])
+        return torch.nn.functional.cross_entropy(z @ y["W"] + y["b"], t) + 5e-3 * sum((w ** 2).sum() for w in y.values())
+    return g_head, x, y, v, (X, t)
+
+
+@pytest.mark.parametrize("y_norm", [0.0, 0.1, 1.0, 10.0, 100.0])
+@pytest.mark.parametrize("v_norm", [0.01, 1.0, 100.0])
+def test_float32_fd_products_within_5e_4_of_exact_at_every_scale(y_norm, v_norm):
+    # the default δ follows the typical entry of y (its RMS), not its norm: with the old
+    # norm rule the float32 products were off by 4-6e-3 at ‖y‖ = 100 (truncation)
+    g_head, x, y, v, (X, t) = _softmax_head_problem()
+    norm = lambda d: torch.sqrt(sum((a ** 2).sum() for a in d.values()))
+    y = {k: a / norm(y) * y_norm for k, a in y.items()}
+    v = {k: a / norm(v) * v_norm for k, a in v.items()}
+    jv, hv = D.exact_products(g_head, x, y, v, (X, t))
+    f32 = lambda d: {k: a.float() for k, a in d.items()}
+    p = D.fd_products(g_head, f32(x), f32(y), f32(v), (X.float(), t))
+    for got, exact in ((p.hvp, hv), (p.mixed, jv)):
+        err = norm({k: got[k].double() - exact[k] for k in exact}) / norm(exact)
+        assert err < 5e-4, (y_norm, v_norm, float(err))

@@ -12,15 +12,16 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
+from . import randomness as R
 from . import tree as T
 from .problem import use_func_mechanism
 
 __all__ = ["Linearization", "linearize", "averaged", "grad_y", "grads", "hvp", "mixed", "hvp_and_mixed",
-           "fd_delta", "fd_delta_from_norms", "fd_products"]
+           "fd_delta", "fd_delta_from_norms", "fd_products", "vmap_unsupported"]
 
 
 def grad_y(fn, x, y, batch) -> T.Tree:
-    """∇y fn(x, y; batch)."""
+    """∇y fn(x, y; batch): the gradient of a bilevel objective w.r.t. y, a dict shaped like y."""
     return grad(fn, argnums=1)(x, y, batch)
 
 
@@ -137,31 +138,39 @@ def hvp_and_mixed(g, x, y, v, batch):
     return hv, jv
 
 
-def fd_delta_from_norms(y_norm: Tensor, v_norm: Tensor, dtype: torch.dtype) -> Tensor:
-    """δ = ε^(1/3)·(1 + ‖y‖) / ‖v‖ (see :func:`fd_delta`), with ‖v‖ clamped away from 0.
-    ε is the machine epsilon of the storage dtype (the gradients are rounded to it); the
-    arithmetic runs in float32 (float64 for float64)."""
+def fd_delta_from_norms(y_norm: Tensor, v_norm: Tensor, dtype: torch.dtype, numel: int = 1) -> Tensor:
+    """δ = ε^(1/3)·(1 + rms(y)) / ‖v‖ with rms(y) = ‖y‖/√numel (see :func:`fd_delta`),
+    ‖v‖ clamped away from 0.  ε is the machine epsilon of the storage dtype (the gradients
+    are rounded to it); the arithmetic runs in float32 (float64 for float64)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     eps = torch.finfo(dtype).eps
     tiny = torch.finfo(torch.float32).tiny ** 0.5      # δ stays finite in float32 when v = 0
-    return eps ** (1.0 / 3.0) * (1.0 + y_norm.to(work)) / torch.clamp(v_norm.to(work), min=tiny)
+    rms = y_norm.to(work) / max(int(numel), 1) ** 0.5
+    return eps ** (1.0 / 3.0) * (1.0 + rms) / torch.clamp(v_norm.to(work), min=tiny)
 
 
 def fd_delta(y: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> Tensor:
     """Default finite-difference step δ (a 0-d tensor, no host synchronisation).
 
-    Rule: the perturbation δ·v has norm ε^(1/3)·(1 + ‖y‖), where ε is the machine
-    epsilon of y's dtype (the gradients are rounded to it: ε^(1/3) ≈ 6e-6 in float64,
-    4.9e-3 in float32, 0.1 in float16, 0.2 in bfloat16) — the step that balances the
-    O(δ²) truncation error of a central difference against its O(ε/δ) rounding error,
-    relative to the scale of y.  δ itself is a float32 (float64) 0-d tensor, never rounded
-    to half precision.  ``v = 0`` gives a finite δ (and a zero product).
+    Rule: the perturbation δ·v has norm ε^(1/3)·(1 + rms(y)), where rms(y) = ‖y‖/√dim(y)
+    is the typical size of one entry of y and ε the machine epsilon of y's dtype (the
+    gradients are rounded to it: ε^(1/3) ≈ 6e-6 in float64, 4.9e-3 in float32, 0.1 in
+    float16, 0.2 in bfloat16).  A central difference has truncation error O(δ²) (the
+    third derivative of g along the perturbation) and rounding error O(ε/δ) (the gradients
+    at y ± δv, and y ± δv itself, rounded to ε relative to the size of their entries);
+    ε^(1/3) balances the two on a unit scale, and the factor (1 + rms(y)) keeps the
+    perturbation of each entry above the rounding of that entry when y's entries are large.
+    The norm of y is the wrong scale: for a head with ‖y‖ = 100 spread over thousands of
+    entries it made the perturbation 100x larger than any entry needs, and the float32
+    products were off by 3e-3 through truncation alone.  δ itself is a float32 (float64)
+    0-d tensor, never rounded to half precision.  ``v = 0`` gives a finite δ (and a zero
+    product).
     """
     dtype = next(iter(y.values())).dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
     ny = T.norm({k: t.to(work) for k, t in y.items()})
     nv = T.norm({k: t.to(work) for k, t in v.items()})
-    return fd_delta_from_norms(ny, nv, dtype)
+    return fd_delta_from_norms(ny, nv, dtype, sum(t.numel() for t in y.values()))
 
 
 class FDProducts(NamedTuple):
@@ -169,6 +178,7 @@ class FDProducts(NamedTuple):
     hvp: T.Tree        # ≈ ∇yy g·v, eq. (9)
     mixed: T.Tree      # ≈ ∇xy g·v, eq. (11)
     delta: Tensor
+    batched: Optional[bool] = None   # the pair mode that ran (True: one vmap; False: two evaluations)
 
 
 def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, wrt=(0, 1)) -> FDProducts:
@@ -187,9 +197,13 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
 
     Args:
         delta: the step δ (number or 0-d tensor); default :func:`fd_delta`.
-        batched: vmap over the two points (default True); False evaluates g twice in
-            plain autograd (for objectives that vmap cannot trace: ``.item()``,
-            data-dependent control flow).
+        batched: True: vmap over the two points; False: two evaluations of g in plain
+            autograd; None (default): vmap, falling back to two evaluations for objectives
+            vmap cannot trace (``.item()``, data-dependent control flow, modules without a
+            batching rule such as ``nn.LSTM`` with perturbed weights).  Either way both
+            points see the same random stream (dropout masks): vmap with
+            ``randomness="same"``, or the generator state replayed for the second
+            evaluation (torchbilevel.randomness).  ``result.batched`` says which ran.
         wrt: which products to return: (0, 1) both, (1,) only H̃, (0,) only J̃ (the
             other field is None).
 
@@ -203,33 +217,63 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         r = fd_products(g_d, {"_": x} if tx else x, {"_": y}, {"_": v}, batch, delta, batched, wrt)
         unx = (lambda t: t["_"]) if tx else (lambda t: t)
         return FDProducts(None if r.hvp is None else r.hvp["_"], None if r.mixed is None else unx(r.mixed),
-                          r.delta)
+                          r.delta, r.batched)
     d = fd_delta(y, v) if delta is None else delta
     any_y = next(iter(y.values()))
     dt = any_y.dtype
     work = torch.float64 if dt == torch.float64 else torch.float32
     d_t = torch.as_tensor(d, dtype=work, device=any_y.device)
     scale = 0.5 / d_t
-    batched = True if batched is None else batched
 
     def shifted(yy, s):
         # y ± δv formed in float32 at least (float64 for float64 y), stored in y's dtype
         return {k: (yy[k].to(work) + (s * d_t) * v[k].to(work)).to(dt) for k in yy}
 
-    if batched:
+    def D_batched(xx, yy, b):
+        # one vmap over the sign; randomness="same": both points see one dropout mask
         signs = torch.tensor([1.0, -1.0], dtype=work, device=any_y.device)
+        vals = vmap(lambda s: g(xx, shifted(yy, s), b), randomness=R.VMAP_RANDOMNESS)(signs)
+        return (vals[0].to(work) - vals[1].to(work)) * scale
 
-        def D(xx, yy, b):
-            vals = vmap(lambda s: g(xx, shifted(yy, s), b))(signs)
-            return (vals[0].to(work) - vals[1].to(work)) * scale
-        mode = "func"
+    def D_pair(xx, yy, b):
+        # two evaluations replaying one random stream (common random numbers)
+        state = R.capture(yy)
+        plus, minus = R.replaying(state, [lambda: g(xx, shifted(yy, 1.0), b),
+                                          lambda: g(xx, shifted(yy, -1.0), b)])
+        return (plus.to(work) - minus.to(work)) * scale
+
+    def run(batched_):
+        return gradient(D_batched if batched_ else D_pair, x, y, batch, argnums=tuple(wrt),
+                        mode="func" if batched_ else "auto")
+
+    ran = batched
+    if batched is None:
+        ran = True
+        # vmap first; objectives vmap cannot trace (a module without a batching rule such
+        # as nn.LSTM with batched weights, .item(), data-dependent control flow) fall back
+        # to two evaluations, replaying the random stream so the fallback sees what the
+        # first attempt would have
+        state = R.capture(y)
+        try:
+            _, grads_ = run(True)
+        except (RuntimeError, NotImplementedError) as err:
+            if not vmap_unsupported(err):
+                raise
+            R.restore(state)
+            ran = False
+            _, grads_ = run(False)
     else:
-        def D(xx, yy, b):
-            return (g(xx, shifted(yy, 1.0), b).to(work) - g(xx, shifted(yy, -1.0), b).to(work)) * scale
-        mode = "auto"
-    _, grads_ = gradient(D, x, y, batch, argnums=tuple(wrt), mode=mode)
+        _, grads_ = run(bool(batched))
     out = dict(zip(wrt, grads_))
-    return FDProducts(out.get(1), out.get(0), d_t)
+    return FDProducts(out.get(1), out.get(0), d_t, bool(ran))
+
+
+def vmap_unsupported(err: BaseException) -> bool:
+    """True for the errors by which torch.func.vmap refuses an objective (no batching rule,
+    data-dependent control flow, host reads, in-place writes into captured tensors)."""
+    text = str(err)
+    return any(m in text for m in ("Batching rule not implemented", "vmap", "Batched", "batched",
+                                   "data-dependent", ".item()", "captured Tensor"))
 
 
 def _leaves(arg):

@@ -6,9 +6,11 @@ from typing import Callable, Mapping, Optional
 
 from torch import Tensor
 
+from . import buffers as B
 from . import guards as G
+from . import randomness as R
 from . import tree as T
-from .estimators import HypergradAux, is_estimator
+from .estimators import ESTIMATOR_NAMES, HypergradAux, is_estimator
 from .problem import check_params, check_problem, in_functorch_transform
 
 
@@ -48,7 +50,8 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
 
     Args:
         problem: a :class:`torchbilevel.Bilevel`.
-        estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)`` or ``tb.pzobo(...)``.
+        estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)``, ``tb.pzobo(...)`` or
+            ``tb.first_order()``.
         has_aux: also return a :class:`HypergradAux` (inner iterate reached, linear-system
             solution, outer loss) for warm starts and logging.
         check_finite: raise FloatingPointError if the result holds NaN/inf, naming the
@@ -61,11 +64,17 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
     dicts of tensors (never modified), the batches are passed to g and f (an iterator is
     drawn from for fresh samples), and ``v0`` warm-starts the linear-system solver.
     With fixed step counts (no solver tolerance) it composes with ``torch.func.vmap``.
+
+    Models in train mode: the call leaves module buffers evaluated through
+    :func:`torchbilevel.nn.call` bit-identical (BatchNorm normalises with batch statistics,
+    its running statistics do not move), and evaluations compared point against point
+    (finite-difference pairs, PZOBO's paths, an ITD step recomputed by ``checkpoint=True``)
+    see the same dropout masks (:mod:`torchbilevel.randomness`).  ValueError if g does not
+    depend on y (checked once per problem).
     """
     check_problem(problem)
     if not is_estimator(estimator):
-        raise TypeError("estimator must be tb.aid(...), tb.itd(...), tb.stocbio(...) or tb.pzobo(...), "
-                        f"got {type(estimator).__name__}")
+        raise TypeError(f"estimator must be {ESTIMATOR_NAMES}, got {type(estimator).__name__}")
 
     def hypergradient(x: Mapping[str, Tensor], y: Mapping[str, Tensor], inner_batch, outer_batch,
                       v0: Optional[Mapping[str, Tensor]] = None):
@@ -76,10 +85,15 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
                 if not isinstance(t, Tensor) or t.shape != y[k].shape:
                     raise ValueError(f"v0[{k!r}] must be a tensor shaped like y[{k!r}] {tuple(y[k].shape)}, "
                                      f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        with G.tracing(check_finite) as trace:
-            dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
-        if check_finite:
-            check_hypergradient(dx, aux, trace, x=x, y=y, v0=v0)
+        generator = getattr(estimator, "generator", None)
+        # a pure transform: module buffers (BatchNorm statistics) untouched, and on failure
+        # the random stream (global and the estimator's generator) rewound
+        with R.restored_on_error(x, y, generators=(generator,)), B.frozen():
+            inner_batch = problem.check_inner_uses_y(x, y, inner_batch)
+            with G.tracing(check_finite) as trace:
+                dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
+            if check_finite:
+                check_hypergradient(dx, aux, trace, x=x, y=y, v0=v0)
         return (dx, aux) if has_aux else dx
 
     hypergradient.__doc__ = f"Hypergradient of {problem!r} by {estimator!r}."

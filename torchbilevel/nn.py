@@ -9,12 +9,14 @@ optimiser through ``.grad``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import buffers as B
 from . import tree as T
 
 __all__ = ["split", "call", "write_grad", "load"]
@@ -70,7 +72,45 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     if overlap:
         raise ValueError(f"x and y share parameter names: {sorted(overlap)}")
     params = {**dict(module.named_buffers()), **(buffers or {}), **x, **y}
-    return functional_call(module, params, args, kwargs)
+    if not (module.training and B.is_frozen()):
+        return functional_call(module, params, args, kwargs)
+    return _call_frozen(module, params, args, kwargs)
+
+
+# module -> its BatchNorm/InstanceNorm submodules in train mode with running statistics
+_NORMS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+# module -> names of other buffers its forward was seen to modify in place
+_MUTATED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _norms(module: nn.Module) -> list:
+    if module not in _NORMS:
+        _NORMS[module] = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    return [m for m in _NORMS[module] if m.training and m.track_running_stats]
+
+
+def _call_frozen(module, params, args, kwargs):
+    """functional_call with every buffer left as it was (torchbilevel.buffers.frozen): norm
+    layers run with ``track_running_stats`` off (batch statistics, no update — the form
+    torch.func documents for vmap), other buffers the forward modifies are put back."""
+    norms = _norms(module)
+    norm_bufs = {id(b) for m in norms for b in m.buffers(recurse=False)}
+    bufs = {n: params[n] for n, t in module.named_buffers() if id(t) not in norm_bufs and n in params}
+    seen = module in _MUTATED
+    watch = bufs if not seen else {n: bufs[n] for n in _MUTATED[module] if n in bufs}
+    saved = {n: (t._version, t.clone()) for n, t in watch.items()}
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        return functional_call(module, params, args, kwargs)
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        changed = {n for n, (ver, _) in saved.items() if watch[n]._version != ver}
+        with torch.no_grad():
+            for n in changed:
+                watch[n].copy_(saved[n][1])
+        _MUTATED.setdefault(module, set()).update(changed)
 
 
 def write_grad(module: nn.Module, grads: Mapping[str, Tensor], accumulate: bool = False) -> None:

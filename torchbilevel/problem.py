@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import itertools
 import numbers
 from typing import Any, Callable, Mapping, Optional
 
@@ -53,7 +54,7 @@ class Bilevel:
     are the objectives wrapped so that each call checks it returned a scalar tensor
     (TypeError / ValueError otherwise); the originals are ``outer_fn`` / ``inner_fn``.
     """
-    __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce")
+    __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce", "_inner_uses_y")
 
     def __init__(self, outer: Objective, inner: Objective, *, reduce: Optional[Callable[[Tensor], Tensor]] = None):
         for name, fn in (("outer", outer), ("inner", inner)):
@@ -66,6 +67,37 @@ class Bilevel:
         self.outer = _checked_scalar(outer, "outer")
         self.inner = _checked_scalar(inner, "inner")
         self.reduce = reduce
+        self._inner_uses_y = False
+
+    def check_inner_uses_y(self, x, y, inner_batch):
+        """Raise ValueError if the inner objective g has no gradient path from y to its value
+        (then there is no inner problem: AID and stocBiO would return an all-zero implicit
+        term, ITD plain ∇x f).  Checked once per problem, on the first eager call of a method,
+        with one forward and one backward of g (buffers and the random stream untouched).
+        A zero ∇y g at an optimum is legitimate and passes: only the graph is inspected.
+
+        Returns the batch to use: an iterator's first sample is put back in front of it."""
+        if self._inner_uses_y or in_functorch_transform() or torch.compiler.is_compiling():
+            return inner_batch
+        from . import buffers, randomness
+        first = draw(inner_batch, "inner_batch")
+        if isinstance(inner_batch, collections.abc.Iterator):
+            inner_batch = itertools.chain([first], inner_batch)
+        ys = {k: t.detach().requires_grad_(True) for k, t in y.items()}
+        state = randomness.capture(x, y)
+        try:
+            with torch.enable_grad(), buffers.frozen():
+                val = self.inner({k: t.detach() for k, t in x.items()}, ys, first)
+                used = val.requires_grad and any(
+                    gi is not None for gi in torch.autograd.grad(val, list(ys.values()), allow_unused=True))
+        finally:
+            randomness.restore(state)
+        if not used:
+            raise ValueError("the inner objective g does not depend on y (no gradient path from y to its value): "
+                             "there is no inner problem to differentiate through. Check that g uses its "
+                             "second argument (e.g. tb.nn.call(model, x, y, ...)) and does not detach it")
+        self._inner_uses_y = True
+        return inner_batch
 
     def average(self, *items):
         """``items`` (dicts of tensors, tensors or None) averaged over the data-parallel
@@ -115,17 +147,20 @@ def check_problem(problem) -> Bilevel:
 __all__.append("check_problem")
 
 
-def draw(batch):
+def draw(batch, name: str = "batch"):
     """A fresh sample from ``batch`` when it is an iterator (``next``), else ``batch`` itself.
 
     This is the library's batching rule: pass an iterator to get a new minibatch each
     time a method needs fresh samples; pass anything else for full-batch evaluation.
+    ``name`` (``"inner_batch"`` / ``"outer_batch"``) is the argument named when an
+    iterator runs out (ValueError, not a StopIteration that a surrounding loop or
+    generator would silently swallow).
     """
     if isinstance(batch, collections.abc.Iterator):
         try:
             return next(batch)
         except StopIteration:
-            raise ValueError("a batch iterator was exhausted: pass an infinite iterator "
+            raise ValueError(f"the {name} iterator was exhausted: pass an infinite iterator "
                              "(e.g. itertools.cycle or a generator with `while True`)") from None
     return batch
 

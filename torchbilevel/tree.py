@@ -50,12 +50,12 @@ def clone(tree: Mapping[str, Tensor]) -> Tree:
 
 
 def add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
-    """a + b."""
+    """Leafwise sum a + b of two parameter dicts with the same keys."""
     return tree_map(torch.add, a, b)
 
 
 def sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
-    """a - b."""
+    """Leafwise difference a - b of two parameter dicts with the same keys."""
     return tree_map(torch.sub, a, b)
 
 
@@ -72,7 +72,7 @@ def axpy(alpha, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Tree:
 
 
 def lincomb(a, x: Mapping[str, Tensor], b, y: Mapping[str, Tensor]) -> Tree:
-    """a * x + b * y."""
+    """Linear combination a·x + b·y of two parameter dicts (a, b scalars or 0-d tensors)."""
     return tree_map(lambda xi, yi: a * xi + b * yi, x, y)
 
 

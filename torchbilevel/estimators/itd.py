@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 from torch.func import grad, vjp
 
+from .. import randomness as R
 from ..guards import INNER, OUTER, UNROLL_BACKWARD, record
 from ..problem import check_positive, check_steps, draw, use_func_mechanism
 from .base import HypergradAux, outer_grads, unroll
@@ -26,8 +27,9 @@ class ITD(NamedTuple):
     checkpoint: bool = False
 
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
-        batches = [draw(inner_batch) for _ in range(self.steps)]
-        ob = draw(outer_batch)
+        """(hypergradient dict shaped like x, HypergradAux) at (x, y); ``tb.hypergrad`` calls this."""
+        batches = [draw(inner_batch, "inner_batch") for _ in range(self.steps)]
+        ob = draw(outer_batch, "outer_batch")
         if self.checkpoint:
             return _itd_checkpointed(self, problem, x, y, batches, ob)
 
@@ -64,18 +66,23 @@ def _itd_checkpointed(cfg, problem, x, y, batches, ob):
     # graph that create_graph builds inside the region escaped the recomputation.)
     from ..derivatives import gradient
     ys = [{k: t.detach() for k, t in y.items()}]
+    streams = []                                             # each step's random stream, replayed
     for b in batches:                                        # forward: values only
+        streams.append(R.capture(x, y))
         _, (gy,) = gradient(problem.inner, x, ys[-1], b, argnums=1)
         (gy,) = problem.average(gy)                          # data parallel: mean over ranks
         ys.append({k: ys[-1][k] - cfg.lr * gy[k] for k in y})
     y_d = ys[-1]
     record(INNER, y_d)
     fx, fy, fval = outer_grads(problem, x, y_d, ob)          # averaged, recorded as OUTER
+    end = R.capture(x, y)
     dx, a = dict(fx), dict(fy)
     for t in range(len(batches) - 1, -1, -1):                # backward: one step at a time
+        R.restore(streams[t])                                # the step's own dropout masks
         ja, ha = _step_vjp(problem, x, ys[t], batches[t], a)
         dx = {k: dx[k] - cfg.lr * ja[k] for k in dx}
         a = {k: a[k] - cfg.lr * ha[k] for k in a}
+    R.restore(end)
     record(UNROLL_BACKWARD, dx)
     return dx, HypergradAux(y_d, None, fval.detach())
 
@@ -114,9 +121,10 @@ def _finish(problem, xr, gx, y_d, fval):
 
 
 def itd(steps: int, lr: float, checkpoint: bool = False) -> ITD:
-    """ITD-BiO hypergradient: unroll ``steps`` inner gradient steps of size ``lr`` from the
-    given y (a fresh inner batch per step when the batch is an iterator) and backpropagate
-    the outer loss through them.  Cost: about 2-3x ``steps`` inner gradients; memory grows
+    """ITD-BiO hypergradient (Ji, Yang, Liang, ICML 2021, Alg. 1): unroll ``steps`` inner
+    gradient steps of size ``lr`` from the given y (a fresh inner batch per step when the
+    batch is an iterator) and backpropagate the outer loss through them (reverse mode, no
+    explicit second-order products).  Cost: about 2-3x ``steps`` inner gradients; memory grows
     with ``steps`` (use ``checkpoint=True`` for long unrolls: one step's graph at a time,
     one more gradient of g per step; same result up to rounding)."""
     return ITD(check_steps(steps, "steps"), check_positive(lr, "lr"), bool(checkpoint))

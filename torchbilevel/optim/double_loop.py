@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from .. import buffers as B
 from .. import guards as G
+from .. import randomness as R
 from .. import tree as T
 from ..derivatives import gradient
-from ..estimators import AID, is_estimator
+from ..estimators import AID, ESTIMATOR_NAMES, is_estimator
 from ..hypergrad import hypergrad
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
 from .algorithm import Algorithm
@@ -36,9 +38,16 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
                 warm_start_v: bool = True, check_finite: bool = True) -> Algorithm:
     """AID-BiO, ITD-BiO, stocBiO and PZOBO(-S) as a double loop with warm starts.
 
+    Papers: Ji, Yang, Liang, ICML 2021, Alg. 1 (AID-BiO, ITD-BiO) and Alg. 2 (stocBiO);
+    Sow, Ji, Liang, NeurIPS 2022, Alg. 1 (PZOBO, PZOBO-S). Each step k: ``inner_steps``
+    warm-started gradient steps y ← y − β∇y g, then x ← x − α·(the estimator's
+    hypergradient). Cost per step: ``inner_steps`` y-gradients of g plus one estimate
+    (see the estimator's docstring for its cost).
+
     Args:
         problem: a :class:`torchbilevel.Bilevel`.
-        estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)`` or ``tb.pzobo(...)``.
+        estimator: ``tb.aid(...)``, ``tb.itd(...)``, ``tb.stocbio(...)``, ``tb.pzobo(...)`` or
+            ``tb.first_order()``.
         lr_x: outer step size α (number or callable of the step k).
         inner_steps: D, warm-started inner gradient steps before each estimate (0 allowed:
             ITD and PZOBO run their own ``steps`` inner steps inside the estimate, and their
@@ -53,12 +62,14 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
             non-finite x, y.
 
     Each call of ``step`` draws ``inner_steps`` inner batches (when ``inner_batch`` is an
-    iterator) and what the estimator needs.
+    iterator) and what the estimator needs.  Models in train mode: BatchNorm running
+    statistics (through :func:`torchbilevel.nn.call`) move exactly once per inner step,
+    never from the hypergradient's products or paths; each inner step draws fresh dropout
+    masks, as training does.
     """
     check_problem(problem)
     if not is_estimator(estimator):
-        raise TypeError("estimator must be tb.aid(...), tb.itd(...), tb.stocbio(...) or tb.pzobo(...), "
-                        f"got {type(estimator).__name__}")
+        raise TypeError(f"estimator must be {ESTIMATOR_NAMES}, got {type(estimator).__name__}")
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
     lr_y = check_positive(lr_y, "lr_y", allow_schedule=True)
     inner_steps = check_steps(inner_steps, "inner_steps", minimum=0)
@@ -77,14 +88,23 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0)
 
     def step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
+        """One outer step: ``inner_steps`` warm-started inner steps, a hypergradient, an outer
+        update.  Returns the new state; a FloatingPointError leaves ``state`` and the random
+        stream (global and the estimator's generator) as they were."""
         if not isinstance(state, DoubleLoopState):
             raise TypeError(f"state must come from init(), got {type(state).__name__}")
+        with R.restored_on_error(state.x, generators=(generator,)):
+            inner_batch = problem.check_inner_uses_y(state.x, state.y, inner_batch)
+            return _step(state, inner_batch, outer_batch)
+
+    def _step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
         k = state.step
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y
         with G.tracing(check_finite) as trace:
             for _ in range(inner_steps):
-                _, (gy,) = gradient(problem.inner, x, y, draw(inner_batch), argnums=1)
+                with B.updating():     # running statistics move once per inner step, as in training
+                    _, (gy,) = gradient(problem.inner, x, y, draw(inner_batch, "inner_batch"), argnums=1)
                 (gy,) = problem.average(gy)               # data parallel: one all-reduce per step
                 y = T.axpy(-beta, gy, y)
             if inner_steps:

@@ -17,13 +17,17 @@ All state lives in flat contiguous buffers; the elementwise bookkeeping is the f
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .. import buffers as B
 from .. import guards as G
 from .. import kernels as K
+from .. import randomness as R
 from .. import tree as T
 from ..derivatives import exact_products, fd_delta_from_norms, fd_products, gradient
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
@@ -38,7 +42,10 @@ class SingleLoopState(NamedTuple):
     ``state.x``, ``state.y``, ``state.v`` give dicts (views of the flat buffers).
     Fields: flat iterates ``xf, yf, vf``; momenta ``h_f, h_g, h_R``; the previous iterate
     ``x_prev, y_prev, v_prev`` and its finite-difference step ``delta_prev``; ``step`` t;
-    the dict layouts ``layout_x, layout_y``.
+    the dict layouts ``layout_x, layout_y``; ``ball_hits``, how many steps the projection
+    of v on the ball of radius r bound (‖w‖ > r; a 0-d tensor on the device), and
+    ``ball_recent``, the fraction of recent steps (moving average over about
+    ``RADIUS_WINDOW`` steps) in which it bound.
     """
     xf: Tensor
     yf: Tensor
@@ -53,18 +60,27 @@ class SingleLoopState(NamedTuple):
     step: int
     layout_x: T.Raveled
     layout_y: T.Raveled
+    ball_hits: Optional[Tensor] = None
+    ball_recent: Optional[Tensor] = None
 
     @property
     def x(self) -> T.Tree:
+        """The outer iterate x_t as a dict of tensors (views of the flat buffer ``xf``)."""
         return self.layout_x.unravel(self.xf)
 
     @property
     def y(self) -> T.Tree:
+        """The inner iterate y_t as a dict of tensors (views of the flat buffer ``yf``)."""
         return self.layout_y.unravel(self.yf)
 
     @property
     def v(self) -> T.Tree:
+        """The linear-system iterate v_t (≈ [∇yy g]⁻¹∇y f) as a dict shaped like y."""
         return self.layout_y.unravel(self.vf)
+
+
+# The radius warning: the projection bound in most of the last ~RADIUS_WINDOW steps.
+RADIUS_WINDOW = 20
 
 
 def _flat(fn, lx, ly):
@@ -110,6 +126,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             bad = G.check_inputs(x=x, y=y, v=v)
             if bad is not None:
                 raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
+        warned[0] = False
         xf, lx = T.ravel(x)
         yf, ly = T.ravel(y)
         if v is None:
@@ -118,7 +135,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             T.check_same_keys(v, y, "v and y")
             vf = T.ravel_like(ly, v).to(yf.dtype).clone()
         zero = lambda t: torch.zeros_like(t)
-        return SingleLoopState(xf, yf, vf, zero(xf), zero(yf), zero(yf), xf, yf, vf, 0.0, 0, lx, ly)
+        hits = torch.zeros((), dtype=torch.int64, device=yf.device)
+        recent = torch.zeros((), dtype=torch.float32, device=yf.device)
+        return SingleLoopState(xf, yf, vf, zero(xf), zero(yf), zero(yf), xf, yf, vf, 0.0, 0, lx, ly, hits, recent)
 
     def fd_step(yf, vf):
         """δ_t: the user's delta (a float), or the scale-aware default of derivatives.fd_delta
@@ -128,7 +147,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             return delta
         work = torch.float64 if yf.dtype == torch.float64 else torch.float32
         return fd_delta_from_norms(torch.linalg.vector_norm(yf.to(work)), torch.linalg.vector_norm(vf.to(work)),
-                                   yf.dtype)
+                                   yf.dtype, yf.numel())
 
     def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch) -> _Evaluations:
         """All gradient evaluations of one step: at the current iterate and (t ≥ 1) at the
@@ -136,36 +155,45 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         lx, ly = s.layout_x, s.layout_y
         g = _flat(g_flat_src, lx, ly)
         f = _flat(f_flat_src, lx, ly)
-        zeta = draw(inner_batch)                              # ζ_t: the y update's sample
-        psi_g, psi_f = draw(inner_batch), draw(outer_batch)   # ψ_t: the linear system's sample
+        zeta = draw(inner_batch, "inner_batch")                              # ζ_t: the y update's sample
+        psi_g, psi_f = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")   # ψ_t: the linear system's sample
         if independent_outer_sample:
-            xi_g, xi_f = draw(inner_batch), draw(outer_batch)  # ξ̄_t: the outer gradient's sample
+            xi_g, xi_f = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")  # ξ̄_t: the outer gradient's sample
         else:
             xi_g, xi_f = psi_g, psi_f
         points = [(s.xf, s.yf, s.vf, d_cur)]
         if not first:
             points.append((s.x_prev, s.y_prev, s.v_prev, s.delta_prev))
-        gy, fx, fy, hv, jv = [], [], [], [], []
-        for xf, yf, vf, dl in points:
-            gy.append(gradient(g, xf, yf, zeta, argnums=1)[1][0])                  # ∇y g(·; ζ)
+
+        def at(point, current: bool):
+            xf, yf, vf, dl = point
+            # running statistics move once per step, from the y update's evaluation at the
+            # current iterate; every other evaluation of the step leaves buffers as they are
+            with (B.updating() if current else contextlib.nullcontext()):
+                gy = gradient(g, xf, yf, zeta, argnums=1)[1][0]                    # ∇y g(·; ζ)
             _, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                           # ∇f(·; ψ)
             if xi_f is not psi_f:
                 fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]                  # ∇x f(·; ξ̄)
-            fx.append(fx_i)
-            fy.append(fy_i)
             if fd:
                 # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
                 both = xi_g is psi_g
-                pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=batched, wrt=(0, 1) if both else (1,))
-                hv.append(pr.hvp)
-                jv.append(pr.mixed if both else
-                          fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=batched, wrt=(0,)).mixed)
+                pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=pair_mode[0],
+                                 wrt=(0, 1) if both else (1,))
+                if pr.batched is False:
+                    pair_mode[0] = False       # a vmap fallback is remembered for the run
+                hv_i = pr.hvp
+                jv_i = pr.mixed if both else fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=pair_mode[0],
+                                                         wrt=(0,)).mixed
             else:
                 jv_i, hv_i = exact_products(g, xf, yf, vf, psi_g)                  # one backward
                 if xi_g is not psi_g:
                     jv_i = exact_products(g, xf, yf, vf, xi_g)[0]
-                hv.append(hv_i)
-                jv.append(jv_i)
+            return gy, fx_i, fy_i, hv_i, jv_i
+
+        # one sample = one batch and one random stream: the current and the previous
+        # iterate replay the same dropout masks on ζ, ψ (and ξ̄), as eq. (6), (7), (10) need
+        rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
+        gy, fx, fy, hv, jv = (list(col) for col in zip(*rows))
         stack = lambda rows: torch.stack(rows if not first else rows * 2)   # prev = cur at t = 0
         return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy))
 
@@ -188,11 +216,31 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 return what
         return "the update (step sizes too large: the iterates overflowed)"
 
+    pair_mode = [batched]     # FdeHBO's ± pair: None = vmap first; False after a fallback
+    warned = [False]          # the radius warning is given once per run
+
+    def warn_radius(recent, w_sq, t):
+        frac, norm_w = (float(a) for a in torch.stack([recent.float(), w_sq.float().sqrt()]).tolist())
+        if frac > 0.5:
+            warned[0] = True
+            warnings.warn(
+                f"{name}: the projection of v on the ball of radius={radius:g} bound in {frac:.0%} of the "
+                f"last ~{RADIUS_WINDOW} steps (step {t}; ‖v‖ would be {norm_w:.3g} unprojected). Theorem 1 "
+                f"needs radius ≥ ‖v*‖ with ∇yy g·v* = ∇y f (≈ ‖∇y f‖/μ_g): a clipped v biases the "
+                f"hypergradient. Estimate ‖v*‖ with a few CG steps (tb.hypergrad(problem, "
+                f"tb.aid(tb.cg(steps=20)), has_aux=True) gives aux.v) and pass radius ≈ 2‖v*‖.",
+                RuntimeWarning, stacklevel=4)
+
     def step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
         """One step of Alg. 1 (FdeHBO) / Alg. 2 (FMBO); returns the new state, never
-        modifies ``s`` (a FloatingPointError leaves it usable)."""
+        modifies ``s`` (a FloatingPointError leaves it usable, and the random stream where
+        it was)."""
         if not isinstance(s, SingleLoopState):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        with R.restored_on_error(s.xf), B.frozen():
+            return _step(s, inner_batch, outer_batch)
+
+    def _step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
         t = s.step
         first = t == 0
         d_cur = fd_step(s.yf, s.vf) if fd else 1.0
@@ -212,6 +260,14 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         x_new, h_f = K.outer_update(
             s.xf, s.h_f, rows_x, alpha=value_at(lr_x, t, "lr_x"), eta_f=e(eta_x, "eta_x"),
             scale_cur=1.0, scale_prev=1.0, fd=False, backend=backend)
+        hits, recent = s.ball_hits, s.ball_recent
+        if radius != float("inf") and hits is not None:
+            bound = (w_sq > radius * radius)
+            hits = hits + bound.to(hits.dtype)
+            recent = recent + (bound.to(recent.dtype) - recent) / RADIUS_WINDOW
+            if (not warned[0] and (t + 1) % RADIUS_WINDOW == 0 and not in_functorch_transform()
+                    and not torch.compiler.is_compiling()):
+                warn_radius(recent, w_sq, t)
         if check_finite and not in_functorch_transform():
             # one fused reduction and one host read per step
             probe = w_sq.float() + x_new.float().sum() + y_new.float().sum()
@@ -221,7 +277,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; "
                                          "the state passed in is unchanged")
         return SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
-                               d_cur, t + 1, s.layout_x, s.layout_y)
+                               d_cur, t + 1, s.layout_x, s.layout_y, hits, recent)
 
     def state_dict(s: SingleLoopState) -> dict:
         """Plain dicts, tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
@@ -238,7 +294,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
         lay = {k: T.Raveled(tuple(d[k]["keys"]), tuple(torch.Size(sh) for sh in d[k]["shapes"]),
                             tuple(d[k]["offsets"]), d[k]["numel"]) for k in ("layout_x", "layout_y")}
-        fields = {k: d[k] for k in SingleLoopState._fields if not k.startswith("layout")}
+        fields = {k: d.get(k) for k in SingleLoopState._fields if not k.startswith("layout")}
         return SingleLoopState(**fields, **lay)
 
     return Algorithm(init, step, state_dict, load_state_dict, name)

@@ -1,0 +1,60 @@
+"""When module buffers (BatchNorm running statistics) may change.
+
+A hypergradient is a pure transform: evaluating derivative products, finite-difference
+points, perturbed paths or a re-evaluation of a previous iterate must not move the running
+statistics a user later evaluates with.  Training updates them once per inner gradient
+step.  The library marks its evaluations with these two contexts and
+:func:`torchbilevel.nn.call` obeys them:
+
+* :func:`frozen` — the forward still normalises with the batch statistics in train mode
+  (that is the objective being differentiated) but no buffer changes: BatchNorm-type
+  modules run with ``track_running_stats`` off for the call (which is also what makes them
+  work under ``torch.func.vmap``), and any other buffer that the forward modifies in place
+  is put back.
+* :func:`updating` — the module behaves as in ordinary training (each train-mode forward
+  updates its running statistics once).  Inside torch.func transforms (vmap over tasks)
+  buffers cannot be updated in place, so they stay frozen there.
+
+Outside any library call, ``tb.nn.call`` behaves like the module itself (updating).
+Objectives that call a module directly (``model(X)`` rather than ``tb.nn.call``) are not
+seen by these contexts.
+"""
+from __future__ import annotations
+
+import contextlib
+
+__all__ = ["frozen", "updating", "is_frozen"]
+
+# A process-wide flag in a list, not a ContextVar: torch.compile traces reads and writes of
+# a module-level list (the compiled hypergradient and single-loop step keep one graph),
+# while dynamo refuses ContextVar.set.
+_FROZEN = [False]
+
+
+@contextlib.contextmanager
+def _set(value: bool):
+    old = _FROZEN[0]
+    _FROZEN[0] = value
+    try:
+        yield
+    finally:
+        _FROZEN[0] = old
+
+
+def frozen():
+    """Context: evaluations inside leave module buffers untouched (see the module docstring)."""
+    return _set(True)
+
+
+def updating():
+    """Context: evaluations inside update running statistics as training does."""
+    return _set(False)
+
+
+def is_frozen() -> bool:
+    """True when buffers must not change: inside :func:`frozen`, or inside a torch.func
+    transform (where an in-place update of an unbatched buffer is impossible)."""
+    if _FROZEN[0]:
+        return True
+    from .problem import in_functorch_transform
+    return in_functorch_transform()
