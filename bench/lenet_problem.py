@@ -27,8 +27,10 @@ class LeNetBody(nn.Module):
         return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
 
 
-def make(batch: int = 128, device: str = "cpu", seed: int = 0, l2: float = 1e-3):
-    """(problem, x, y, inner_batch, outer_batch): body as x, head (84 -> 10) as y."""
+def make(batch: int = 128, device: str = "cpu", seed: int = 0, l2: float = 1e-3, declared: bool = False):
+    """(problem, x, y, inner_batch, outer_batch): body as x, head (84 -> 10) as y.
+    ``declared=True``: the same problem with the body declared as features
+    (``tb.Bilevel(..., features=phi)``)."""
     torch.manual_seed(seed)
     body = LeNetBody().to(device)
     x = {k: p.detach().clone() for k, p in body.named_parameters()}
@@ -49,4 +51,9 @@ def make(batch: int = 128, device: str = "cpu", seed: int = 0, l2: float = 1e-3)
     def data():
         return (torch.randn(batch, 1, 28, 28, device=device), torch.randint(0, 10, (batch,), device=device))
 
+    if declared:
+        phi = lambda x, batch: tb.nn.call(body, x, {}, batch[0])
+        head_loss = lambda z, y, batch: F.cross_entropy(z @ y["w"].T + y["b"], batch[1])
+        g_head = lambda z, y, batch: head_loss(z, y, batch) + l2 * (y["w"].pow(2).sum() + y["b"].pow(2).sum())
+        return tb.Bilevel(outer=head_loss, inner=g_head, features=phi), x, y, data(), data()
     return tb.Bilevel(outer=f, inner=g), x, y, data(), data()

@@ -128,4 +128,4 @@ def data_parallel(problem: Bilevel, group: Optional[object] = None) -> Bilevel:
     if not dist.is_initialized():
         raise RuntimeError("data_parallel needs an initialised process group: call "
                            "torch.distributed.init_process_group(...) first (torchrun sets the env)")
-    return Bilevel(problem.outer_fn, problem.inner_fn, reduce=MeanAllReduce(group))
+    return problem.with_reduce(MeanAllReduce(group))

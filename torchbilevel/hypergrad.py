@@ -10,6 +10,7 @@ from . import buffers as B
 from . import guards as G
 from . import randomness as R
 from . import tree as T
+from .features import can_lift, lifted_estimate
 from .estimators import ESTIMATOR_NAMES, HypergradAux, is_estimator
 from .problem import check_params, check_problem, in_functorch_transform
 
@@ -91,7 +92,10 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         with R.restored_on_error(x, y, generators=(generator,)), B.frozen():
             inner_batch = problem.check_inner_uses_y(x, y, inner_batch)
             with G.tracing(check_finite) as trace:
-                dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
+                if can_lift(problem, estimator, inner_batch, outer_batch):   # declared features
+                    dx, aux = lifted_estimate(problem, estimator, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
+                else:
+                    dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
             if check_finite:
                 check_hypergradient(dx, aux, trace, x=x, y=y, v0=v0)
         return (dx, aux) if has_aux else dx

@@ -6,11 +6,15 @@ optimiser through ``.grad``.
     logits = tb.nn.call(model, x, y, images)             # functional_call, buffers included
     tb.nn.write_grad(model, dx); opt.step()              # outer step with torch.optim
     tb.nn.load(model, y_new)                              # copy an inner solution back
+
+    phi, head = tb.nn.features(model, body=["body"], head=["head"])   # declared features
+    problem = tb.Bilevel(outer=lambda z, y, b: F.cross_entropy(head(z, y), b[1]), inner=...,
+                         features=phi)
 """
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterable, Mapping, Optional, Tuple, Union
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +23,7 @@ from torch.func import functional_call
 from . import buffers as B
 from . import tree as T
 
-__all__ = ["split", "call", "write_grad", "load"]
+__all__ = ["split", "call", "write_grad", "load", "features", "Features"]
 
 Selector = Union[Iterable[str], Callable[[str, Tensor], bool]]
 
@@ -139,3 +143,74 @@ def load(module: nn.Module, values: Mapping[str, Tensor]) -> None:
         if name not in params:
             raise KeyError(f"module has no parameter named {name!r}")
         params[name].copy_(v)
+
+
+class Features(NamedTuple):
+    """What :func:`features` returns: ``phi(x, batch) -> z`` for ``tb.Bilevel(features=phi)``
+    and ``head(z, y) -> output``, both evaluated with :func:`call` semantics."""
+    phi: Callable
+    head: Callable
+
+
+def _submodules(module: nn.Module, names, what: str):
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be a submodule name or a non-empty list of names, got {names!r}")
+    subs = dict(module.named_modules())
+    missing = [n for n in names if n not in subs or n == ""]
+    if missing:
+        raise ValueError(f"{what}: module has no submodule named {missing}; it has "
+                         f"{sorted(n for n in subs if n and '.' not in n)}")
+    return [(n, subs[n]) for n in names]
+
+
+def _sequential(parts, params: Mapping[str, Tensor], inp):
+    for name, sub in parts:
+        prefix = name + "."
+        own = {k[len(prefix):]: t for k, t in params.items() if k.startswith(prefix)}
+        inp = call(sub, own, {}, inp)
+    return inp
+
+
+def features(module: nn.Module, body, head, inputs: Optional[Callable] = None) -> Features:
+    """Declared features of a module whose forward is ``head(body(input))``: the pieces
+    ``tb.Bilevel(..., features=phi)`` needs, without writing ``functional_call`` twice.
+
+    Args:
+        module: the model; its parameters are split as usual (``x, y =
+            tb.nn.split(module, inner=head)``), with the full parameter names.
+        body: name (or list of names, applied in order) of the submodule(s) computing the
+            features from the input: ``phi(x, batch) = body(inputs(batch))`` with the
+            parameters in ``x``.
+        head: name (or list of names, applied in order) of the submodule(s) applied to the
+            features: ``head(z, y)`` with the parameters in ``y``.
+        inputs: ``batch -> input`` of the body; default: ``batch[0]`` for a tuple or list
+            batch (``(inputs, targets)``), the batch itself otherwise.
+
+    Returns :class:`Features` ``(phi, head)``.  Evaluation follows :func:`call` (buffers from
+    the module, frozen inside the library's hypergradients, BatchNorm statistics updated
+    by the algorithms' inner steps).  Only models whose forward is the composition of the
+    named submodules are covered (an ``nn.Sequential`` body and head, or a model whose
+    ``forward`` is ``self.head(self.body(x))``); otherwise write phi by hand with
+    :func:`call`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    body_parts = _submodules(module, body, "body")
+    head_parts = _submodules(module, head, "head")
+    if inputs is None:
+        inputs = lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch
+    elif not callable(inputs):
+        raise TypeError(f"inputs must be callable batch -> input, got {type(inputs).__name__}")
+
+    def phi(x: Mapping[str, Tensor], batch):
+        return _sequential(body_parts, x, inputs(batch))
+
+    def head_fn(z, y: Mapping[str, Tensor]):
+        return _sequential(head_parts, y, z)
+
+    phi.__qualname__ = f"features({'+'.join(n for n, _ in body_parts)})"
+    head_fn.__qualname__ = f"head({'+'.join(n for n, _ in head_parts)})"
+    return Features(phi, head_fn)

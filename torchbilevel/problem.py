@@ -45,6 +45,19 @@ class Bilevel:
         inner: ``g(x, y, batch) -> scalar Tensor``, the lower-level (training) loss,
             assumed strongly convex in ``y`` by the theory of every method here.
 
+        features: optional ``phi(x, batch) -> z`` (a tensor or a dict of tensors), the part
+            of the objectives that depends on x alone (a network body under a head y, the
+            shared representation of hyper-representation and meta-learning).  Then ``f`` and
+            ``g`` take ``(z, y, batch)`` and the problem means
+            ``g(x, y, batch) = g(phi(x, batch), y, batch)`` (same for f).  Every method gives
+            the result of that composed form; declaring phi lets them evaluate it once per
+            distinct (x, batch) in a hypergradient call or a step instead of once per
+            evaluation of g: ITD differentiates through phi once, PZOBO runs phi once per
+            direction and then head-only inner steps, the double loop's inner steps and
+            AID's products run on the head only (measured on LeNet hyper-representation in
+            bench/RESULTS.md).  Batches are told apart by identity: a batch object passed
+            again (full batch, ``itertools.repeat``) reuses its features within the call;
+            fresh minibatches get fresh features.  Nothing is kept between calls.
         reduce: optional hook ``flat Tensor -> Tensor`` averaging a 1-D buffer over a
             data-parallel group (set by :func:`torchbilevel.distributed.data_parallel`;
             None: single process).  Every data-dependent derivative the library evaluates
@@ -53,21 +66,39 @@ class Bilevel:
     ``x`` and ``y`` are ``dict[str, Tensor]``.  ``problem.outer`` / ``problem.inner``
     are the objectives wrapped so that each call checks it returned a scalar tensor
     (TypeError / ValueError otherwise); the originals are ``outer_fn`` / ``inner_fn``.
+    With ``features``, ``problem.outer`` / ``problem.inner`` are the composed objectives of
+    ``(x, y, batch)`` and ``problem.head_outer`` / ``problem.head_inner`` the checked
+    ``f`` / ``g`` of ``(z, y, batch)``.
     """
-    __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce", "_inner_uses_y")
+    __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce", "features", "head_outer", "head_inner",
+                 "_inner_uses_y")
 
-    def __init__(self, outer: Objective, inner: Objective, *, reduce: Optional[Callable[[Tensor], Tensor]] = None):
+    def __init__(self, outer: Objective, inner: Objective, *, features: Optional[Callable] = None,
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None):
         for name, fn in (("outer", outer), ("inner", inner)):
             if not callable(fn):
                 raise TypeError(f"Bilevel({name}=...) must be callable (x, y, batch) -> scalar Tensor, "
                                 f"got {type(fn).__name__}")
+        if features is not None and not callable(features):
+            raise TypeError(f"Bilevel(features=...) must be None or callable (x, batch) -> Tensor or dict of "
+                            f"Tensors, got {type(features).__name__}")
         if reduce is not None and not callable(reduce):
             raise TypeError(f"Bilevel(reduce=...) must be None or callable (Tensor -> Tensor), got {type(reduce).__name__}")
         self.outer_fn, self.inner_fn = outer, inner
-        self.outer = _checked_scalar(outer, "outer")
-        self.inner = _checked_scalar(inner, "inner")
+        self.features = features
+        self.head_outer = _checked_scalar(outer, "outer")
+        self.head_inner = _checked_scalar(inner, "inner")
+        if features is None:
+            self.outer, self.inner = self.head_outer, self.head_inner
+        else:
+            self.outer = _checked_scalar(_composed(outer, features), "outer")
+            self.inner = _checked_scalar(_composed(inner, features), "inner")
         self.reduce = reduce
         self._inner_uses_y = False
+
+    def with_reduce(self, reduce) -> "Bilevel":
+        """The same problem (objectives and features) with another data-parallel hook."""
+        return Bilevel(self.outer_fn, self.inner_fn, features=self.features, reduce=reduce)
 
     def check_inner_uses_y(self, x, y, inner_batch):
         """Raise ValueError if the inner objective g has no gradient path from y to its value
@@ -134,7 +165,28 @@ class Bilevel:
     def __repr__(self):
         name = lambda fn: getattr(fn, "__qualname__", repr(fn))
         hook = "" if self.reduce is None else f", reduce={self.reduce!r}"
-        return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)}{hook})"
+        feats = "" if self.features is None else f", features={name(self.features)}"
+        return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)}{feats}{hook})"
+
+
+def _composed(fn, features):
+    """(x, y, batch) -> fn(features(x, batch), y, batch): the meaning of a declared problem."""
+    def composed(x, y, batch):
+        return fn(check_features(features(x, batch)), y, batch)
+    composed.__qualname__ = f"{getattr(fn, '__qualname__', 'fn')}∘features"
+    return composed
+
+
+def check_features(z):
+    """``z`` if it is a tensor or a non-empty dict of tensors, else TypeError."""
+    if isinstance(z, Tensor):
+        return z
+    if isinstance(z, collections.abc.Mapping) and z and all(isinstance(t, Tensor) for t in z.values()):
+        return z
+    raise TypeError(f"features(x, batch) must return a Tensor or a non-empty dict of Tensors, got {type(z).__name__}")
+
+
+__all__.append("check_features")
 
 
 def check_problem(problem) -> Bilevel:

@@ -43,8 +43,10 @@ def unroll(problem, x, y, batches, lr, differentiable: bool = True):
     averaged over the group (one all-reduce per step, differentiable for ITD).
     """
     from ..derivatives import gradient
+    from ..features import hoisted_inner
+    inner = hoisted_inner(problem, x)          # declared features: phi once per batch, head steps
     for b in batches:
-        _, (gy,) = gradient(problem.inner, x, y, b, argnums=1, create_graph=differentiable)
+        _, (gy,) = gradient(inner, x, y, b, argnums=1, create_graph=differentiable)
         (gy,) = problem.average(gy)
         y = {k: y[k] - lr * gy[k] for k in y}
     return y

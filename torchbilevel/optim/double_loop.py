@@ -14,7 +14,7 @@ from .. import buffers as B
 from .. import guards as G
 from .. import randomness as R
 from .. import tree as T
-from ..derivatives import gradient
+from ..estimators.base import unroll
 from ..estimators import AID, ESTIMATOR_NAMES, is_estimator
 from ..hypergrad import hypergrad
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
@@ -102,11 +102,11 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y
         with G.tracing(check_finite) as trace:
-            for _ in range(inner_steps):
-                with B.updating():     # running statistics move once per inner step, as in training
-                    _, (gy,) = gradient(problem.inner, x, y, draw(inner_batch, "inner_batch"), argnums=1)
-                (gy,) = problem.average(gy)               # data parallel: one all-reduce per step
-                y = T.axpy(-beta, gy, y)
+            with B.updating():         # running statistics move once per inner step, as in training
+                # warm-started inner steps; data parallel: one all-reduce per step; declared
+                # features: phi once per distinct batch, then head-only steps
+                y = unroll(problem, x, y, [draw(inner_batch, "inner_batch") for _ in range(inner_steps)], beta,
+                           differentiable=False)
             if inner_steps:
                 G.record(G.INNER, y)
             v0 = state.v if (warm_start_v and isinstance(estimator, AID)) else None
