@@ -6,6 +6,7 @@ Notation: ``H v = ∇yy g · v`` (Hessian-vector product) and ``J v = ∇xy g ·
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
@@ -17,7 +18,7 @@ from . import tree as T
 from .problem import use_func_mechanism
 
 __all__ = ["Linearization", "linearize", "averaged", "grad_y", "grads", "hvp", "mixed", "hvp_and_mixed",
-           "fd_delta", "fd_delta_from_norms", "fd_products", "vmap_unsupported"]
+           "fd_delta", "fd_delta_from_norms", "fd_products", "vmap_unsupported", "second_order"]
 
 
 def grad_y(fn, x, y, batch) -> T.Tree:
@@ -357,3 +358,32 @@ def exact_products(g, x, y, v, batch):
 
 
 __all__.append("exact_products")
+
+
+_NO_DOUBLE_BACKWARD = ("_cudnn_rnn_backward", "once_differentiable", "differentiate twice", "double backward")
+
+
+@contextlib.contextmanager
+def second_order(method: str):
+    """Context for a method that differentiates a gradient again (AID, ITD, stocBiO, FMBO):
+    an objective without a double backward — a cuDNN RNN on CUDA (nn.LSTM, nn.GRU, nn.RNN),
+    a custom ``@once_differentiable`` function — fails deep inside autograd; this turns
+    that failure into a RuntimeError naming the module type (seen by
+    :func:`torchbilevel.nn.call`), the method and the methods that need no double backward."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not (any(m in text for m in _NO_DOUBLE_BACKWARD)
+                or ("derivative for" in text and "is not implemented" in text)):
+            raise
+        from .nn import cudnn_rnns_seen
+        rnns = cudnn_rnns_seen()
+        who = (f"{', '.join(rnns)} on CUDA (cuDNN RNN kernels)" if rnns else "an operation of the objective")
+        hint = (" or keep the RNN but disable cuDNN for it (with torch.backends.cudnn.flags(enabled=False): ...)"
+                if rnns else "")
+        raise RuntimeError(
+            f"{method} differentiates the gradient of g a second time (Hessian/Jacobian-vector products), "
+            f"and {who} has no double backward. Use a method that needs only gradients: tb.fdehbo "
+            f"(finite-difference products), tb.pzobo (zeroth order in x) or tb.first_order(){hint}. "
+            f"Original error: {text.splitlines()[0] if text else type(err).__name__}") from err

@@ -10,6 +10,7 @@ from . import buffers as B
 from . import guards as G
 from . import randomness as R
 from . import tree as T
+from .derivatives import second_order
 from .features import can_lift, lifted_estimate
 from .estimators import ESTIMATOR_NAMES, HypergradAux, is_estimator
 from .problem import check_params, check_problem, in_functorch_transform
@@ -38,6 +39,11 @@ def check_hypergradient(dx, aux: HypergradAux, trace=None, **inputs) -> None:
         where = G.locate(trace, diagnose_nonfinite(dx, aux), **inputs)
         raise FloatingPointError(f"non-finite hypergradient: NaN/inf first appears in {where}; "
                                  "the inputs are unchanged")
+
+
+def _method_name(estimator) -> str:
+    return {"AID": "AID-BiO (tb.aid)", "ITD": "ITD-BiO (tb.itd)", "StocBiO": "stocBiO (tb.stocbio)"}.get(
+        type(estimator).__name__, type(estimator).__name__)
 
 
 def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True) -> Callable:
@@ -91,7 +97,7 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         # the random stream (global and the estimator's generator) rewound
         with R.restored_on_error(x, y, generators=(generator,)), B.frozen():
             inner_batch = problem.check_inner_uses_y(x, y, inner_batch)
-            with G.tracing(check_finite) as trace:
+            with G.tracing(check_finite) as trace, second_order(_method_name(estimator)):
                 if can_lift(problem, estimator, inner_batch, outer_batch):   # declared features
                     dx, aux = lifted_estimate(problem, estimator, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
                 else:

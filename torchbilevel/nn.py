@@ -23,7 +23,7 @@ from torch.func import functional_call
 from . import buffers as B
 from . import tree as T
 
-__all__ = ["split", "call", "write_grad", "load", "features", "Features"]
+__all__ = ["split", "call", "write_grad", "load", "features", "Features", "cudnn_rnns_seen"]
 
 Selector = Union[Iterable[str], Callable[[str, Tensor], bool]]
 
@@ -76,9 +76,30 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     if overlap:
         raise ValueError(f"x and y share parameter names: {sorted(overlap)}")
     params = {**dict(module.named_buffers()), **(buffers or {}), **x, **y}
+    _note_cudnn_rnns(module)
     if not (module.training and B.is_frozen()):
         return functional_call(module, params, args, kwargs)
     return _call_frozen(module, params, args, kwargs)
+
+
+# module -> type names of its RNN submodules (nn.LSTM, nn.GRU, nn.RNN)
+_RNNS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_CUDNN_SEEN: set = set()
+
+
+def _note_cudnn_rnns(module: nn.Module) -> None:
+    if module not in _RNNS:
+        _RNNS[module] = tuple(m for m in module.modules() if isinstance(m, nn.RNNBase))
+    for m in _RNNS[module]:
+        w = next(m.parameters(), None)
+        if w is not None and w.is_cuda and torch.backends.cudnn.enabled:
+            _CUDNN_SEEN.add(f"nn.{type(m).__name__}")
+
+
+def cudnn_rnns_seen() -> list:
+    """Type names of RNN modules (nn.LSTM, ...) evaluated on CUDA with cuDNN through
+    :func:`call` in this process: used to name them when a second-order method fails."""
+    return sorted(_CUDNN_SEEN)
 
 
 # module -> its BatchNorm/InstanceNorm submodules in train mode with running statistics

@@ -29,7 +29,7 @@ from .. import guards as G
 from .. import kernels as K
 from .. import randomness as R
 from .. import tree as T
-from ..derivatives import exact_products, fd_delta_from_norms, fd_products, gradient
+from ..derivatives import exact_products, fd_delta_from_norms, fd_products, gradient, second_order
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
                        in_functorch_transform)
 from .algorithm import Algorithm
@@ -237,7 +237,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         it was)."""
         if not isinstance(s, SingleLoopState):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
-        with R.restored_on_error(s.xf), B.frozen():
+        with R.restored_on_error(s.xf), B.frozen(), (contextlib.nullcontext() if fd else second_order(name)):
             return _step(s, inner_batch, outer_batch)
 
     def _step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
