@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["frozen", "updating", "is_frozen"]
+__all__ = ["frozen", "updating", "is_frozen", "transaction", "journal"]
 
 # A process-wide flag in a list, not a ContextVar: torch.compile traces reads and writes of
 # a module-level list (the compiled hypergradient and single-loop step keep one graph),
 # while dynamo refuses ContextVar.set.
 _FROZEN = [False]
+# inside transaction(): id(buffer) -> (buffer, copy before the first update), else None
+_JOURNAL = [None]
 
 
 @contextlib.contextmanager
@@ -58,3 +60,36 @@ def is_frozen() -> bool:
         return True
     from .problem import in_functorch_transform
     return in_functorch_transform()
+
+
+@contextlib.contextmanager
+def transaction():
+    """Context: if the block raises, every buffer that :func:`torchbilevel.nn.call` updated
+    inside it (running statistics of the inner steps already taken) is put back as it was on
+    entry, so that a failed step (FloatingPointError) leaves the model as it leaves the
+    state.  One copy of each touched buffer per step."""
+    outer = _JOURNAL[0]
+    _JOURNAL[0] = {} if outer is None else outer
+    try:
+        yield
+    except BaseException:
+        if outer is None:
+            import torch
+            with torch.no_grad():
+                for buf, copy in _JOURNAL[0].values():
+                    buf.copy_(copy)
+        raise
+    finally:
+        if outer is None:
+            _JOURNAL[0] = None
+
+
+def journal(tensors) -> None:
+    """Record ``tensors`` (buffers about to be updated in place) in the open
+    :func:`transaction`, once each; nothing outside a transaction."""
+    book = _JOURNAL[0]
+    if book is None:
+        return
+    for t in tensors:
+        if id(t) not in book:
+            book[id(t)] = (t, t.detach().clone())

@@ -77,7 +77,11 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
         raise ValueError(f"x and y share parameter names: {sorted(overlap)}")
     params = {**dict(module.named_buffers()), **(buffers or {}), **x, **y}
     _note_cudnn_rnns(module)
-    if not (module.training and B.is_frozen()):
+    if not module.training:
+        return functional_call(module, params, args, kwargs)
+    if not B.is_frozen():
+        # running statistics about to move: journal them so a failed step can put them back
+        B.journal(t for n, t in params.items() if n in _buffer_names(module))
         return functional_call(module, params, args, kwargs)
     return _call_frozen(module, params, args, kwargs)
 
@@ -106,6 +110,15 @@ def cudnn_rnns_seen() -> list:
 _NORMS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 # module -> names of other buffers its forward was seen to modify in place
 _MUTATED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+_BUFFER_NAMES: "weakref.WeakKeyDictionary[nn.Module, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def _buffer_names(module: nn.Module) -> frozenset:
+    if module not in _BUFFER_NAMES:
+        _BUFFER_NAMES[module] = frozenset(n for n, _ in module.named_buffers())
+    return _BUFFER_NAMES[module]
 
 
 def _norms(module: nn.Module) -> list:

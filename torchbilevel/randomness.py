@@ -10,7 +10,12 @@ The mechanism is torch's own generator state: :func:`capture` reads the state of
 CPU generator and of the CUDA generators of the devices in use, :func:`restore` writes it
 back, so that the next evaluation replays the same random stream.  Inside
 ``torch.func.vmap`` the library asks for ``randomness="same"`` instead (one draw shared by
-the vmapped points).  A model needs no change and no flag.
+the vmapped points).  A model needs no change and no flag.  (One torch subtlety: under
+vmap, dropout on a non-contiguous tensor — the batch-first attention output inside
+``nn.TransformerEncoderLayer`` — lays its shared mask out in another element order than
+the same call outside vmap.  The vmapped points still share one mask, which is what a
+difference needs; only a comparison against a separate plain evaluation at the same
+stream sees another mask.)
 
 Under ``torch.compile`` the generator state cannot be read (dynamo refuses
 ``torch.get_rng_state``): there :func:`capture` returns None and :func:`restore` does

@@ -93,7 +93,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         stream (global and the estimator's generator) as they were."""
         if not isinstance(state, DoubleLoopState):
             raise TypeError(f"state must come from init(), got {type(state).__name__}")
-        with R.restored_on_error(state.x, generators=(generator,)):
+        with R.restored_on_error(state.x, generators=(generator,)), B.transaction():
             inner_batch = problem.check_inner_uses_y(state.x, state.y, inner_batch)
             return _step(state, inner_batch, outer_batch)
 

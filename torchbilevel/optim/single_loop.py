@@ -221,6 +221,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
 
     def warn_radius(recent, w_sq, t):
         frac, norm_w = (float(a) for a in torch.stack([recent.float(), w_sq.float().sqrt()]).tolist())
+        frac /= 1.0 - (1.0 - 1.0 / RADIUS_WINDOW) ** (t + 1)     # the average starts at 0: unbias it
         if frac > 0.5:
             warned[0] = True
             warnings.warn(
@@ -237,7 +238,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         it was)."""
         if not isinstance(s, SingleLoopState):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
-        with R.restored_on_error(s.xf), B.frozen(), (contextlib.nullcontext() if fd else second_order(name)):
+        with R.restored_on_error(s.xf), B.transaction(), B.frozen(), \
+                (contextlib.nullcontext() if fd else second_order(name)):
+            inner_batch = problem.check_inner_uses_y(s.x, s.y, inner_batch)
             return _step(s, inner_batch, outer_batch)
 
     def _step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
