@@ -18,7 +18,8 @@ from . import tree as T
 from .problem import use_func_mechanism
 
 __all__ = ["Linearization", "linearize", "averaged", "grad_y", "grads", "hvp", "mixed", "hvp_and_mixed",
-           "fd_delta", "fd_delta_from_norms", "fd_products", "vmap_unsupported", "second_order"]
+           "fd_delta", "fd_delta_from_norms", "fd_products", "vmap_unsupported", "second_order",
+           "pair_flop_ratio", "choose_pair_batched", "PAIR_FLOP_RATIO"]
 
 
 def grad_y(fn, x, y, batch) -> T.Tree:
@@ -244,8 +245,9 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         return (plus.to(work) - minus.to(work)) * scale
 
     def run(batched_):
-        return gradient(D_batched if batched_ else D_pair, x, y, batch, argnums=tuple(wrt),
-                        mode="func" if batched_ else "auto")
+        # "auto": autograd around the vmapped forward outside transforms (measured 0-10%
+        # faster than torch.func.grad on LeNet, 15-30% with a large y, bench/large_y.py)
+        return gradient(D_batched if batched_ else D_pair, x, y, batch, argnums=tuple(wrt), mode="auto")
 
     ran = batched
     if batched is None:
@@ -267,6 +269,51 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         _, grads_ = run(bool(batched))
     out = dict(zip(wrt, grads_))
     return FDProducts(out.get(1), out.get(0), d_t, bool(ran))
+
+
+#: vmap the ± pair when its forward costs less than this many plain forwards of g.  CPU,
+#: calibrated on four problems (FLOP ratios 1.00, 1.34, 1.67, 1.89: LeNet with a linear head
+#: to an MLP whose last three layers are y); the two pair modes tie near 1.6-1.7
+#: (bench/RESULTS.md, "FdeHBO vs FMBO when y is large").
+PAIR_FLOP_RATIO = 1.6
+
+
+def pair_flop_ratio(g, x, y, v, batch, delta) -> float:
+    """FLOPs (matmul/conv, ``torch.utils.flop_counter``) of the forward of the vmapped ± pair
+    over those of one plain forward of g: about 1 when the x-only part of g dominates (a
+    body under a small head runs once for both points), about 2 when the y-dependent part
+    does (vmap saves nothing).  inf when vmap cannot trace g, nan when g counts no FLOPs.
+    ``x``, ``y``, ``v`` are dicts or flat tensors.  The random stream is left as found."""
+    from torch.utils.flop_counter import FlopCounterMode
+    ys, vs = _leaves(y), _leaves(v)
+    work = torch.float64 if ys[0].dtype == torch.float64 else torch.float32
+    d = torch.as_tensor(delta, dtype=work, device=ys[0].device)
+    shifted = lambda s: _rebuild(y, [(t.to(work) + (s * d) * vi.to(work)).to(t.dtype) for t, vi in zip(ys, vs)])
+    state = R.capture(y)
+    try:
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as one:
+                g(x, y, batch)
+            signs = torch.tensor([1.0, -1.0], dtype=work, device=ys[0].device)
+            try:
+                with FlopCounterMode(display=False) as two:
+                    vmap(lambda s: g(x, shifted(s), batch), randomness=R.VMAP_RANDOMNESS)(signs)
+            except (RuntimeError, NotImplementedError) as err:
+                if not vmap_unsupported(err):
+                    raise
+                return float("inf")
+    finally:
+        R.restore(state)
+    a, b = one.get_total_flops(), two.get_total_flops()
+    return b / a if a > 0 else float("nan")
+
+
+def choose_pair_batched(g, x, y, v, batch, delta) -> bool:
+    """The pair mode for ``fd_products(batched=...)``: vmap (True) when its forward costs
+    under ``PAIR_FLOP_RATIO`` plain forwards, else two evaluations (False); vmap when g
+    counts no FLOPs.  FdeHBO decides once, at its first finite-difference step."""
+    r = pair_flop_ratio(g, x, y, v, batch, delta)
+    return not (r >= PAIR_FLOP_RATIO)
 
 
 def vmap_unsupported(err: BaseException) -> bool:

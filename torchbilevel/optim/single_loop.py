@@ -29,7 +29,8 @@ from .. import guards as G
 from .. import kernels as K
 from .. import randomness as R
 from .. import tree as T
-from ..derivatives import exact_products, fd_delta_from_norms, fd_products, gradient, second_order
+from ..derivatives import (choose_pair_batched, exact_products, fd_delta_from_norms, fd_products, gradient,
+                           second_order)
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
                        in_functorch_transform)
 from .algorithm import Algorithm
@@ -127,6 +128,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             if bad is not None:
                 raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
         warned[0] = False
+        pair_mode[0] = batched
         xf, lx = T.ravel(x)
         yf, ly = T.ravel(y)
         if v is None:
@@ -177,6 +179,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             if fd:
                 # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
                 both = xi_g is psi_g
+                if pair_mode[0] is None and not in_functorch_transform() and not torch.compiler.is_compiling():
+                    # the pair mode, once per run: vmap when it saves forward FLOPs
+                    pair_mode[0] = choose_pair_batched(g, xf, yf, vf, psi_g, dl)
                 pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=pair_mode[0],
                                  wrt=(0, 1) if both else (1,))
                 if pr.batched is False:
@@ -216,7 +221,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 return what
         return "the update (step sizes too large: the iterates overflowed)"
 
-    pair_mode = [batched]     # FdeHBO's ± pair: None = vmap first; False after a fallback
+    pair_mode = [batched]     # FdeHBO's ± pair: None = decide at the first step (FLOP rule)
     warned = [False]          # the radius warning is given once per run
 
     def warn_radius(recent, w_sq, t):
