@@ -10,14 +10,16 @@ elements each side (d = p = n). Variants, timed on the same inputs:
     triton    the public API with backend="triton" (CUDA only)
     copy      dst.copy_(src) moving the same number of bytes (the bandwidth ceiling)
 
-Bytes moved are the minimum traffic of the fused step: with fd=True the inner
-side reads y, v, h_g, h_R and 8 gradient rows and writes 4 vectors (16n), the
-projection reads w and writes v (2n), the outer side reads x, h_f and 6 rows and
-writes 2 vectors (10n): 28n elements (24n with fd=False).
+The gradient rows hold finished products (FdeHBO forms its finite-difference
+∇yy g·v and ∇xy g·v before the kernels run; FMBO's are exact), so FdeHBO and
+FMBO run the same kernels. Bytes moved are the minimum traffic of the fused step:
+the inner side reads y, v, h_g, h_R and 6 gradient rows and writes 4 vectors
+(14n), the projection reads w and writes v (2n), the outer side reads x, h_f and
+4 rows and writes 2 vectors (8n): 24n elements.
 
 Table mode (all variants side by side from one run):
 
-    python bench/bench_kernels.py [--fd | --no-fd] [--threads T] [--max-size N] [--dtype float32]
+    python bench/bench_kernels.py [--threads T] [--max-size N] [--dtype float32]
 
 pytest-benchmark mode (not collected by the test run, which uses testpaths=tests):
 
@@ -46,55 +48,44 @@ MAX_SIZE = int(float(os.environ.get("TB_BENCH_MAX_SIZE", DEFAULT_MAX)))
 ALL_SIZES = (10**3, 10**4, 10**5, 10**6, 10**7, 2**24, 10**8)
 SIZES = [n for n in ALL_SIZES if n <= MAX_SIZE]
 
-SCALARS = dict(beta=0.05, lam=0.1, eta_g=0.4, eta_R=0.3, alpha=0.02, eta_f=0.2,
-               scale_cur=50.0, scale_prev=40.0, radius=1.0)
+SCALARS = dict(beta=0.05, lam=0.1, eta_g=0.4, eta_R=0.3, alpha=0.02, eta_f=0.2, radius=1.0)
 
 
-def moved_elements(n: int, fd: bool) -> int:
+def moved_elements(n: int) -> int:
     """Minimum elements read + written by one fused step (see the module docstring)."""
-    return (16 + 2 + 10) * n if fd else (14 + 2 + 8) * n
+    return (14 + 2 + 8) * n
 
 
-def make_inputs(n: int, fd: bool, dtype=torch.float32, device=DEVICE):
+def make_inputs(n: int, dtype=torch.float32, device=DEVICE):
     gen = torch.Generator(device=device).manual_seed(n)
     r = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
-    return dict(y=r(n), v=r(n), h_g=r(n), h_R=r(n), gy=r(8 if fd else 6, n),
-                x=r(n), h_f=r(n), gx=r(6 if fd else 4, n))
+    return dict(y=r(n), v=r(n), h_g=r(n), h_R=r(n), gy=r(6, n), x=r(n), h_f=r(n), gx=r(4, n))
 
 
-def public_step(backend: str, fd: bool):
+def public_step(backend: str):
     """The fused step through the public API."""
     s = SCALARS
 
     def step(y, v, h_g, h_R, gy, x, h_f, gx):
         y2, w, hg2, hr2, sq = K.inner_update(
             y, v, h_g, h_R, gy, beta=s["beta"], lam=s["lam"], eta_g=s["eta_g"], eta_R=s["eta_R"],
-            scale_cur=s["scale_cur"], scale_prev=s["scale_prev"], fd=fd, backend=backend)
+            backend=backend)
         v2 = K.project_ball(w, sq, s["radius"], backend=backend)
-        x2, hf2 = K.outer_update(x, h_f, gx, alpha=s["alpha"], eta_f=s["eta_f"], scale_cur=s["scale_cur"],
-                                 scale_prev=s["scale_prev"], fd=fd, backend=backend)
+        x2, hf2 = K.outer_update(x, h_f, gx, alpha=s["alpha"], eta_f=s["eta_f"], backend=backend)
         return y2, v2, hg2, hr2, x2, hf2
 
     return step
 
 
-def foreach_step(fd: bool):
+def foreach_step():
     """The same step with torch._foreach_* ops over the three sides (float32 storage)."""
     s = SCALARS
     kg, kr, kf = 1.0 - s["eta_g"], 1.0 - s["eta_R"], 1.0 - s["eta_f"]
-    sc, sp = s["scale_cur"], s["scale_prev"]
 
     def step(y, v, h_g, h_R, gy, x, h_f, gx):
-        if fd:
-            gy_c, gy_p, gp_c, gm_c, gp_p, gm_p, fy_c, fy_p = gy.unbind(0)
-            fx_c, fx_p, gxp_c, gxm_c, gxp_p, gxm_p = gx.unbind(0)
-            d = torch._foreach_sub([gp_c, gp_p, gxp_c, gxp_p], [gm_c, gm_p, gxm_c, gxm_p])
-            torch._foreach_mul_(d, [sc, sp, -sc, -sp])  # eq. (9) H and eq. (11) −J̃
-            torch._foreach_sub_(d, [fy_c, fy_p, torch.neg(fx_c), torch.neg(fx_p)])  # eq. (8) R, eq. (3) F
-        else:
-            gy_c, gy_p, hv_c, hv_p, fy_c, fy_p = gy.unbind(0)
-            fx_c, fx_p, jv_c, jv_p = gx.unbind(0)
-            d = torch._foreach_sub([hv_c, hv_p, fx_c, fx_p], [fy_c, fy_p, jv_c, jv_p])  # eq. (5) R, eq. (3) F
+        gy_c, gy_p, hv_c, hv_p, fy_c, fy_p = gy.unbind(0)
+        fx_c, fx_p, jv_c, jv_p = gx.unbind(0)
+        d = torch._foreach_sub([hv_c, hv_p, fx_c, fx_p], [fy_c, fy_p, jv_c, jv_p])  # eq. (5) R, eq. (3) F
         cur, prev = [gy_c, d[0], d[2]], [gy_p, d[1], d[3]]
         keep = [kg, kr, kf]
         h = torch._foreach_mul([h_g, h_R, h_f], keep)  # eq. (6), (7), (10): cur + (1−η)h − (1−η)prev
@@ -110,14 +101,14 @@ def foreach_step(fd: bool):
     return step
 
 
-def variants(fd: bool, dtype=torch.float32):
+def variants(dtype=torch.float32):
     """name -> step function, for the variants that run on this machine."""
-    out = {"eager": public_step("torch", fd)}
-    out["compile"] = torch.compile(public_step("torch", fd), fullgraph=True, dynamic=False)
+    out = {"eager": public_step("torch")}
+    out["compile"] = torch.compile(public_step("torch"), fullgraph=True, dynamic=False)
     if dtype == torch.float32:
-        out["foreach"] = foreach_step(fd)
+        out["foreach"] = foreach_step()
     if DEVICE.type == "cuda" and K.triton_available():
-        out["triton"] = public_step("triton", fd)
+        out["triton"] = public_step("triton")
     return out
 
 
@@ -160,15 +151,15 @@ def check_agree(fns, inputs, dtype):
             torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name}: {m}")
 
 
-def run_table(fd: bool, dtype, sizes):
+def run_table(dtype, sizes):
     itemsize = torch.finfo(dtype).bits // 8
-    fns = variants(fd, dtype)
+    fns = variants(dtype)
     names = list(fns)
     rows = []
     for n in sizes:
-        inputs = make_inputs(n, fd, dtype)
+        inputs = make_inputs(n, dtype)
         check_agree(fns, inputs, dtype)
-        n_bytes = moved_elements(n, fd) * itemsize
+        n_bytes = moved_elements(n) * itemsize
         res = {name: time_call(lambda f=fn: f(**inputs)) for name, fn in fns.items()}
         res["copy"] = time_call(copy_call(n_bytes, dtype))
         rows.append((n, n_bytes, res))
@@ -209,8 +200,6 @@ def format_table(names, rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fd", action=argparse.BooleanOptionalAction, default=True,
-                    help="FdeHBO rows (default) or FMBO rows (--no-fd)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--max-size", type=float, default=MAX_SIZE)
     ap.add_argument("--size-offset", type=int, default=0, help="add this to every size (1: odd sizes)")
@@ -221,9 +210,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     sizes = [n + args.size_offset for n in ALL_SIZES if n <= args.max_size]
     print(f"# device={DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, threads={torch.get_num_threads()}, fd={args.fd}, dtype={args.dtype}, "
+          f"torch {torch.__version__}, threads={torch.get_num_threads()}, dtype={args.dtype}, "
           f"size offset={args.size_offset}, triton available={K.triton_available()}", flush=True)
-    names, rows = run_table(args.fd, dtype, sizes)
+    names, rows = run_table(dtype, sizes)
     print(format_table(names, rows))
 
 
@@ -232,30 +221,28 @@ def main(argv=None):
 _CACHE: dict = {}
 
 
-def _variant(name, fd):
+def _variant(name):
     """The step function of one variant, built once per session."""
     if name == "triton" and not (DEVICE.type == "cuda" and K.triton_available()):
         pytest.skip("the Triton variant needs a CUDA device and triton")
-    key = (name, fd)
-    if key not in _CACHE:
+    if name not in _CACHE:
         if name == "foreach":
-            _CACHE[key] = foreach_step(fd)
+            _CACHE[name] = foreach_step()
         elif name == "compile":
-            _CACHE[key] = torch.compile(public_step("torch", fd), fullgraph=True, dynamic=False)
+            _CACHE[name] = torch.compile(public_step("torch"), fullgraph=True, dynamic=False)
         else:
-            _CACHE[key] = public_step({"eager": "torch"}.get(name, name), fd)
-    return _CACHE[key]
+            _CACHE[name] = public_step({"eager": "torch"}.get(name, name))
+    return _CACHE[name]
 
 
-@pytest.mark.parametrize("fd", [True, False], ids=["fd", "exact"])
 @pytest.mark.parametrize("name", ["eager", "compile", "foreach", "triton", "copy"])
 @pytest.mark.parametrize("n", SIZES)
-def test_fused_step(benchmark, n, name, fd):
-    n_bytes = moved_elements(n, fd) * 4
+def test_fused_step(benchmark, n, name):
+    n_bytes = moved_elements(n) * 4
     if name == "copy":
         fn = copy_call(n_bytes)
     else:
-        step, inputs = _variant(name, fd), make_inputs(n, fd)
+        step, inputs = _variant(name), make_inputs(n)
         fn = lambda: step(**inputs)  # noqa: E731
 
     def call():

@@ -52,7 +52,7 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise ValueError(f"{name} must be contiguous")
 
 
-def check_grads(grads: torch.Tensor, rows: int, ref_name: str, ref: torch.Tensor, fd: bool) -> None:
+def check_grads(grads: torch.Tensor, rows: int, ref_name: str, ref: torch.Tensor) -> None:
     """The stacked gradient rows: a (rows, n) tensor matching ``ref``.
 
     Each row must be contiguous and rows must not overlap; a row stride larger
@@ -63,7 +63,7 @@ def check_grads(grads: torch.Tensor, rows: int, ref_name: str, ref: torch.Tensor
     expected = (rows, ref.numel())
     if tuple(grads.shape) != expected:
         raise ValueError(
-            f"grads must have shape {expected} (fd={fd}: {rows} stacked rows of length len({ref_name})), "
+            f"grads must have shape {expected} ({rows} stacked rows of length len({ref_name})), "
             f"got {tuple(grads.shape)}"
         )
     if grads.dtype != ref.dtype:
@@ -78,11 +78,26 @@ def check_grads(grads: torch.Tensor, rows: int, ref_name: str, ref: torch.Tensor
         )
 
 
-def check_fd(fd: bool) -> bool:
-    """``fd`` selects the finite-difference (FdeHBO) or exact-product (FMBO) row layout."""
+def check_products_layout(fd, scale_cur, scale_prev) -> None:
+    """The compatibility keywords ``fd``, ``scale_cur``, ``scale_prev`` of the update functions.
+
+    The grads rows always hold finished products (∇yy g·v, ∇xy g·v): ``fd`` must be
+    False. The finite-difference row layout (``fd=True``: the raw ∇g(y ± δv) rows and
+    the 1/(2δ) scales) had no caller once FdeHBO formed its products with
+    ``torchbilevel.derivatives.fd_products``, and was removed. The scales are
+    accepted (None or a finite real) and ignored.
+    """
     if not isinstance(fd, bool):
         raise TypeError(f"fd must be a bool, got {type(fd).__name__}")
-    return fd
+    if fd:
+        raise ValueError(
+            "fd=True (the finite-difference row layout with 1/(2δ) scales) was removed: pass "
+            "finished products (∇yy g·v, ∇xy g·v, e.g. from torchbilevel.derivatives.fd_products) "
+            "in the 6-row inner / 4-row outer layout, with fd=False or no fd at all"
+        )
+    for name, value in (("scale_cur", scale_cur), ("scale_prev", scale_prev)):
+        if value is not None:
+            real(name, value)
 
 
 def real(name: str, value) -> float:

@@ -23,8 +23,9 @@ from . import reference
 #: storage dtypes the Triton kernels handle (they compute in float32)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_INNER_ROWS = {True: 8, False: 6}
-_OUTER_ROWS = {True: 6, False: 4}
+#: rows of the stacked grads buffer: inner [gy, gy_prev, hv, hv_prev, fy, fy_prev], outer [fx, fx_prev, jv, jv_prev]
+INNER_ROWS = 6
+OUTER_ROWS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,14 +82,16 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
     return True
 
 
-def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, scale_prev, fd, backend="auto"):
+def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, fd=False, scale_cur=None,
+                 scale_prev=None, backend="auto"):
     """Inner side of one FdeHBO / FMBO step, fused: y, the LS iterate w, their momenta, and ‖w‖².
 
-    FdeHBO Alg. 1 lines 4-5 (FMBO Alg. 2 lines 4-5), computed in float32
-    (float64 for float64 storage) whatever the storage dtype::
+    FdeHBO Alg. 1 lines 4-5 (FMBO Alg. 2 lines 4-5) of Yang, Xiao, Ji (NeurIPS 2023),
+    one pass over memory (reads 4 + 6 vectors of length d, writes 4 and one partial
+    Σw² per block), computed in float32 (float64 for float64 storage) whatever the
+    storage dtype::
 
-        H = (gp − gm)·scale             eq. (9), scale = 1/(2δ)   (fd=False: H = hv, exact)
-        R = H − fy                      eq. (8) / (5)
+        R = hv − fy                     eq. (5) / (8): hv = ∇yy g·v (exact or finite-difference)
         h_g' = η_g·gy_cur + (1−η_g)·(h_g + gy_cur − gy_prev)      eq. (6)
         h_R' = η_R·R_cur + (1−η_R)·(h_R + R_cur − R_prev)          eq. (7) / (12)
         y' = y − β·h_g'                 line 4
@@ -101,24 +104,23 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, s
         v: linear-system iterate v_t, like ``y``.
         h_g: momentum h^g_{t-1}, like ``y``.
         h_R: momentum h^R_{t-1}, like ``y``.
-        grads: stacked rows of length d, dtype and device of ``y``; contiguous,
+        grads: stacked rows of length d, dtype and device of ``y``, shape (6, d):
+            gy_cur = ∇y g(x_t, y_t; ζ_t), gy_prev = ∇y g(x_{t-1}, y_{t-1}; ζ_t),
+            hv_cur = ∇yy g·v_t at (x_t, y_t; ψ_t), hv_prev (the same at the previous
+            iterate), fy_cur = ∇y f(x_t, y_t; ψ_t), fy_prev = ∇y f(x_{t-1}, y_{t-1}; ψ_t).
+            FdeHBO passes finite-difference products, FMBO exact ones. Contiguous,
             or a row-padded view ``buf[:, :d]`` (a row stride that is a multiple
             of 16 elements lets the GPU kernel use vector loads).
-            fd=True, shape (8, d): gy_cur = ∇y g(x_t, y_t; ζ_t), gy_prev =
-            ∇y g(x_{t-1}, y_{t-1}; ζ_t), gp_cur = ∇y g(x_t, y_t + δ_t v_t; ψ_t),
-            gm_cur = ∇y g(x_t, y_t − δ_t v_t; ψ_t), gp_prev, gm_prev (the same at
-            the previous iterate, with δ_{t-1}, v_{t-1}), fy_cur = ∇y f(x_t, y_t; ψ_t),
-            fy_prev = ∇y f(x_{t-1}, y_{t-1}; ψ_t).
-            fd=False, shape (6, d): gy_cur, gy_prev, hv_cur, hv_prev, fy_cur,
-            fy_prev, with hv = ∇yy g·v exact.
         beta: inner step size β_t (Python float).
         lam: linear-system step size λ_t.
         eta_g: momentum weight η^g_t in [0, 1] (1: no momentum; with 1 the
             h_g and gy_prev values are ignored).
         eta_R: momentum weight η^R_t in [0, 1].
-        scale_cur: 1/(2δ_t) for the current finite difference (ignored when fd=False).
-        scale_prev: 1/(2δ_{t-1}) for the previous one (ignored when fd=False).
-        fd: True for FdeHBO's finite-difference rows, False for FMBO's exact products.
+        fd: must be False (the default). The rows always hold finished products;
+            the finite-difference row layout (``fd=True``) was removed and raises
+            ValueError. Kept so that callers passing ``fd=False`` keep working.
+        scale_cur, scale_prev: ignored (None or a finite real number); the 1/(2δ)
+            scales of the removed finite-difference layout.
         backend: "auto", "torch" or "triton" (see the module docstring).
 
     Returns:
@@ -130,34 +132,30 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, s
     Raises:
         TypeError / ValueError: a wrong type, shape, row count, dtype, device,
             non-contiguous buffer or out-of-range scalar (the message names it);
-            an unknown backend.
+            an unknown backend; fd=True.
         RuntimeError: backend="triton" cannot run here.
     """
     C.check_backend(backend)
-    C.check_fd(fd)
+    C.check_products_layout(fd, scale_cur, scale_prev)
     C.check_state("y", y)
     C.check_like("v", v, "y", y)
     C.check_like("h_g", h_g, "y", y)
     C.check_like("h_R", h_R, "y", y)
-    C.check_grads(grads, _INNER_ROWS[fd], "y", y, fd)
-    kw = dict(
-        beta=C.real("beta", beta), lam=C.real("lam", lam),
-        eta_g=C.weight("eta_g", eta_g), eta_R=C.weight("eta_R", eta_R),
-        scale_cur=C.real("scale_cur", scale_cur) if fd else 0.0,
-        scale_prev=C.real("scale_prev", scale_prev) if fd else 0.0,
-        fd=fd,
-    )
+    C.check_grads(grads, INNER_ROWS, "y", y)
+    kw = dict(beta=C.real("beta", beta), lam=C.real("lam", lam),
+              eta_g=C.weight("eta_g", eta_g), eta_R=C.weight("eta_R", eta_R))
     impl = _triton() if _use_triton(backend, y) else reference
     return impl.inner_update(y, v, h_g, h_R, grads, **kw)
 
 
-def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd, backend="auto"):
+def outer_update(x, h_f, grads, *, alpha, eta_f, fd=False, scale_cur=None, scale_prev=None, backend="auto"):
     """Outer side of one FdeHBO / FMBO step, fused: the hypergradient momentum and x.
 
-    FdeHBO Alg. 1 line 7 (FMBO Alg. 2 line 7), computed in float32 (float64
-    for float64 storage) whatever the storage dtype::
+    FdeHBO Alg. 1 line 7 (FMBO Alg. 2 line 7) of Yang, Xiao, Ji (NeurIPS 2023), one
+    pass over memory (reads 2 + 4 vectors of length p, writes 2), computed in
+    float32 (float64 for float64 storage) whatever the storage dtype::
 
-        F = fx − (gxp − gxm)·scale      eq. (11), (3), scale = 1/(2δ)   (fd=False: F = fx − jv)
+        F = fx − jv                     eq. (3): jv = ∇xy g·v (exact or finite-difference)
         h_f' = η_f·F_cur + (1−η_f)·(h_f + F_cur − F_prev)           eq. (10) / (13)
         x' = x − α·h_f'                 line 7
 
@@ -165,38 +163,32 @@ def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd, back
         x: outer iterate x_t, flat contiguous 1-D buffer of length p (float16,
             bfloat16, float32 or float64; the storage dtype).
         h_f: momentum h^f_{t-1}, like ``x``.
-        grads: stacked rows of length p, dtype and device of ``x``; contiguous or
-            a row-padded view ``buf[:, :p]``.
-            fd=True, shape (6, p): fx_cur = ∇x f(x_t, y_t), fx_prev = ∇x f(x_{t-1},
-            y_{t-1}) (same sample), gxp_cur = ∇x g(x_t, y_t + δ_t v_t), gxm_cur =
-            ∇x g(x_t, y_t − δ_t v_t), gxp_prev, gxm_prev (previous iterate, δ_{t-1}, v_{t-1}).
-            fd=False, shape (4, p): fx_cur, fx_prev, jv_cur, jv_prev with
-            jv = ∇xy g·v exact.
+        grads: stacked rows of length p, dtype and device of ``x``, shape (4, p):
+            fx_cur = ∇x f(x_t, y_t), fx_prev = ∇x f(x_{t-1}, y_{t-1}) (same sample),
+            jv_cur = ∇xy g·v_t at (x_t, y_t), jv_prev (the previous iterate).
+            Contiguous or a row-padded view ``buf[:, :p]``.
         alpha: outer step size α_t (Python float).
         eta_f: momentum weight η^f_t in [0, 1] (1: no momentum).
-        scale_cur: 1/(2δ_t) (ignored when fd=False).
-        scale_prev: 1/(2δ_{t-1}) (ignored when fd=False).
-        fd: True for FdeHBO's finite-difference rows, False for FMBO's exact products.
+        fd: must be False (the default). The rows always hold finished products;
+            the finite-difference row layout (``fd=True``) was removed and raises
+            ValueError. Kept so that callers passing ``fd=False`` keep working.
+        scale_cur, scale_prev: ignored (None or a finite real number); the 1/(2δ)
+            scales of the removed finite-difference layout.
         backend: "auto", "torch" or "triton" (see the module docstring).
 
     Returns:
         (x_new, h_f_new): new 1-D tensors in the storage dtype; inputs unmodified.
 
     Raises:
-        TypeError / ValueError: invalid arguments (the message names them).
+        TypeError / ValueError: invalid arguments (the message names them); fd=True.
         RuntimeError: backend="triton" cannot run here.
     """
     C.check_backend(backend)
-    C.check_fd(fd)
+    C.check_products_layout(fd, scale_cur, scale_prev)
     C.check_state("x", x)
     C.check_like("h_f", h_f, "x", x)
-    C.check_grads(grads, _OUTER_ROWS[fd], "x", x, fd)
-    kw = dict(
-        alpha=C.real("alpha", alpha), eta_f=C.weight("eta_f", eta_f),
-        scale_cur=C.real("scale_cur", scale_cur) if fd else 0.0,
-        scale_prev=C.real("scale_prev", scale_prev) if fd else 0.0,
-        fd=fd,
-    )
+    C.check_grads(grads, OUTER_ROWS, "x", x)
+    kw = dict(alpha=C.real("alpha", alpha), eta_f=C.weight("eta_f", eta_f))
     impl = _triton() if _use_triton(backend, x) else reference
     return impl.outer_update(x, h_f, grads, **kw)
 

@@ -13,10 +13,11 @@ dtype once at the end. No input is written to.
 
 The recursive-momentum updates use the algebraically identical form
 ``eta·a + (1−eta)·(h + a − b) = a + (1−eta)·h − (1−eta)·b``: fewer passes,
-and exactly ``a`` when ``eta = 1`` (finite inputs). Finite differences are
-always formed before their large ``1/(2δ)`` scale is applied. Only fresh
-temporaries are written in place (no ``out=``), so the functions also run under
-autograd and ``torch.func`` transforms.
+and exactly ``a`` when ``eta = 1`` (finite inputs). The gradient rows hold
+finished products (∇yy g·v, ∇xy g·v), exact (FMBO) or finite-difference
+(FdeHBO, formed by ``torchbilevel.derivatives.fd_products`` before the call).
+Only fresh temporaries are written in place (no ``out=``), so the functions
+also run under autograd and ``torch.func`` transforms.
 """
 from __future__ import annotations
 
@@ -38,18 +39,13 @@ def _sqnorm(w: torch.Tensor) -> torch.Tensor:
     return torch.dot(wc, wc)
 
 
-def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, scale_prev, fd):
+def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R):
     """Reference of :func:`torchbilevel.kernels.inner_update`; returns (y_new, w, h_g_new, h_R_new, w_sqnorm)."""
     dtype = y.dtype
     g = _store(grads, compute_dtype(dtype))  # upcast the stacked rows once
     keep_g, keep_R = 1.0 - eta_g, 1.0 - eta_R
-    if fd:
-        # the difference first (exact for nearby values), then the large 1/(2δ) scale
-        r_cur = torch.sub(g[2], g[3]).mul_(scale_cur).sub_(g[6])  # eq. (9), (8): (gp − gm)/(2δ_t) − ∇y f
-        r_prev = torch.sub(g[4], g[5]).mul_(scale_prev).sub_(g[7])  # eq. (9), (8) at t−1, δ_{t−1}
-    else:
-        r_cur = torch.sub(g[2], g[4])  # eq. (5): ∇yy g·v − ∇y f
-        r_prev = torch.sub(g[3], g[5])  # eq. (5) at t−1
+    r_cur = torch.sub(g[2], g[4])  # eq. (5)/(8): ∇yy g·v − ∇y f
+    r_prev = torch.sub(g[3], g[5])  # the same at t−1
     h_g_new = torch.add(g[0], h_g, alpha=keep_g).sub_(g[1], alpha=keep_g)  # eq. (6): gy + (1−η_g)(h_g − gy_prev)
     h_R_new = r_cur.add_(h_R, alpha=keep_R).sub_(r_prev, alpha=keep_R)  # eq. (7)/(12): R + (1−η_R)(h_R − R_prev)
     y_new = torch.add(y, h_g_new, alpha=-beta)  # Alg. 1 line 4: y − β h_g
@@ -57,19 +53,14 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, s
     return _store(y_new, dtype), w, _store(h_g_new, dtype), _store(h_R_new, dtype), _sqnorm(w)
 
 
-def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd):
+def outer_update(x, h_f, grads, *, alpha, eta_f):
     """Reference of :func:`torchbilevel.kernels.outer_update`; returns (x_new, h_f_new)."""
     dtype = x.dtype
     g = _store(grads, compute_dtype(dtype))
     keep = 1.0 - eta_f
-    # eq. (10)/(13) as F_cur + (1−η_f)h_f − (1−η_f)F_prev, with F = ∇x f − J (eq. (3)) expanded
+    # eq. (10)/(13) as F_cur + (1−η_f)h_f − (1−η_f)F_prev, with F = ∇x f − ∇xy g·v (eq. (3)) expanded
     h_f_new = torch.add(g[0], h_f, alpha=keep).sub_(g[1], alpha=keep)  # ∇x f terms + momentum
-    if fd:
-        # J̃ = (gxp − gxm)/(2δ), eq. (11): the difference first, then the large scale
-        h_f_new.sub_(torch.sub(g[2], g[3]), alpha=scale_cur)  # − J̃_cur
-        h_f_new.add_(torch.sub(g[4], g[5]), alpha=keep * scale_prev)  # + (1−η_f) J̃_prev
-    else:
-        h_f_new.sub_(g[2]).add_(g[3], alpha=keep)  # − ∇xy g·v_cur + (1−η_f) ∇xy g·v_prev, eq. (3)
+    h_f_new.sub_(g[2]).add_(g[3], alpha=keep)  # − ∇xy g·v_cur + (1−η_f) ∇xy g·v_prev
     x_new = torch.add(x, h_f_new, alpha=-alpha)  # Alg. 1 line 7: x − α h_f
     return _store(x_new, dtype), _store(h_f_new, dtype)
 

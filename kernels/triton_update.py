@@ -5,7 +5,8 @@ lazily, only when the Triton path is asked for, so the library works without
 triton installed.
 
 One program handles ``BLOCK`` consecutive elements of the flat buffers and
-reads every stacked gradient row at the same offsets (row ``k`` lives at
+reads every stacked gradient row (gradients and finished products ∇yy g·v,
+∇xy g·v) at the same offsets (row ``k`` lives at
 ``grads_ptr + k·row_stride``), so each side of a step is a single pass over
 memory. Arithmetic is float32 whatever the storage dtype (float16, bfloat16,
 float32); results are rounded to the storage dtype once, at the store. The
@@ -39,8 +40,8 @@ def _inner_kernel(
     y_ptr, v_ptr, hg_ptr, hr_ptr, g_ptr,
     y_out, w_out, hg_out, hr_out, part_ptr,
     n, row_stride,
-    beta, lam, keep_g, keep_r, scale_cur, scale_prev,
-    FD: tl.constexpr, BLOCK: tl.constexpr,
+    beta, lam, keep_g, keep_r,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -54,24 +55,12 @@ def _inner_kernel(
     r5 = r4 + row_stride
     gy_cur = tl.load(r0, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     gy_prev = tl.load(r1, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    if FD:
-        r6 = r5 + row_stride
-        r7 = r6 + row_stride
-        gp_cur = tl.load(r2, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        gm_cur = tl.load(r3, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        gp_prev = tl.load(r4, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        gm_prev = tl.load(r5, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        fy_cur = tl.load(r6, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        fy_prev = tl.load(r7, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        r_cur = (gp_cur - gm_cur) * scale_cur - fy_cur  # eq. (9), (8): R = (gp − gm)/(2δ) − ∇y f
-        r_prev = (gp_prev - gm_prev) * scale_prev - fy_prev  # eq. (9), (8) at the previous iterate
-    else:
-        hv_cur = tl.load(r2, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        hv_prev = tl.load(r3, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        fy_cur = tl.load(r4, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        fy_prev = tl.load(r5, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        r_cur = hv_cur - fy_cur  # eq. (5): R = ∇yy g·v − ∇y f
-        r_prev = hv_prev - fy_prev  # eq. (5) at the previous iterate
+    hv_cur = tl.load(r2, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    hv_prev = tl.load(r3, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    fy_cur = tl.load(r4, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    fy_prev = tl.load(r5, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    r_cur = hv_cur - fy_cur  # eq. (5)/(8): R = ∇yy g·v − ∇y f
+    r_prev = hv_prev - fy_prev  # the same at the previous iterate
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h_g = tl.load(hg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -92,8 +81,8 @@ def _inner_kernel(
 def _outer_kernel(
     x_ptr, hf_ptr, g_ptr, x_out, hf_out,
     n, row_stride,
-    alpha, keep_f, scale_cur, scale_prev,
-    FD: tl.constexpr, BLOCK: tl.constexpr,
+    alpha, keep_f,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -104,20 +93,10 @@ def _outer_kernel(
     r3 = r2 + row_stride
     fx_cur = tl.load(r0, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     fx_prev = tl.load(r1, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    if FD:
-        r4 = r3 + row_stride
-        r5 = r4 + row_stride
-        gxp_cur = tl.load(r2, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        gxm_cur = tl.load(r3, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        gxp_prev = tl.load(r4, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        gxm_prev = tl.load(r5, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        f_cur = fx_cur - (gxp_cur - gxm_cur) * scale_cur  # eq. (11), (3): F = ∇x f − J̃
-        f_prev = fx_prev - (gxp_prev - gxm_prev) * scale_prev  # eq. (11), (3) at the previous iterate
-    else:
-        jv_cur = tl.load(r2, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        jv_prev = tl.load(r3, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        f_cur = fx_cur - jv_cur  # eq. (3): F = ∇x f − ∇xy g·v
-        f_prev = fx_prev - jv_prev  # eq. (3) at the previous iterate
+    jv_cur = tl.load(r2, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    jv_prev = tl.load(r3, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    f_cur = fx_cur - jv_cur  # eq. (3): F = ∇x f − ∇xy g·v
+    f_prev = fx_prev - jv_prev  # the same at the previous iterate
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h_f = tl.load(hf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     hf_new = f_cur + keep_f * h_f - keep_f * f_prev  # eq. (10)/(13): F_cur + (1−η_f)(h_f − F_prev)
@@ -147,7 +126,7 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, scale_prev, fd):
+def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R):
     """Triton version of :func:`torchbilevel.kernels.inner_update` (arguments already validated)."""
     n = y.numel()
     grid = (triton.cdiv(n, BLOCK),)
@@ -159,14 +138,13 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R, scale_cur, s
             y, v, h_g, h_R, grads, y_new, w, h_g_new, h_R_new, partial,
             n, grads.stride(0),
             beta, lam, 1.0 - eta_g, 1.0 - eta_R,
-            scale_cur if fd else 0.0, scale_prev if fd else 0.0,
-            FD=fd, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
     LAUNCHES["inner_update"] += 1
     return y_new, w, h_g_new, h_R_new, partial.sum()  # on-device reduction of the partials
 
 
-def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd):
+def outer_update(x, h_f, grads, *, alpha, eta_f):
     """Triton version of :func:`torchbilevel.kernels.outer_update` (arguments already validated)."""
     n = x.numel()
     grid = (triton.cdiv(n, BLOCK),)
@@ -176,8 +154,7 @@ def outer_update(x, h_f, grads, *, alpha, eta_f, scale_cur, scale_prev, fd):
             x, h_f, grads, x_new, h_f_new,
             n, grads.stride(0),
             alpha, 1.0 - eta_f,
-            scale_cur if fd else 0.0, scale_prev if fd else 0.0,
-            FD=fd, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
     LAUNCHES["outer_update"] += 1
     return x_new, h_f_new

@@ -20,14 +20,14 @@ import sys
 import pytest
 
 CASES = {
-    # name: (kernel, storage pointer type, FD or None, names holding multiples of 16, 64-bit sizes)
-    "inner_fd_fp32_aligned": ("_inner_kernel", "*fp32", True, "all", False),
-    "inner_exact_bf16_aligned": ("_inner_kernel", "*bf16", False, "all", False),
-    "inner_fd_fp32_unaligned": ("_inner_kernel", "*fp32", True, "none", False),
-    "inner_exact_fp32_int64": ("_inner_kernel", "*fp32", False, "none", True),
-    "outer_fd_bf16_aligned": ("_outer_kernel", "*bf16", True, "all", False),
-    "outer_exact_fp32_aligned": ("_outer_kernel", "*fp32", False, "all", False),
-    "project_fp32_aligned": ("_project_kernel", "*fp32", None, "all", False),
+    # name: (kernel, storage pointer type, names holding multiples of 16, 64-bit sizes)
+    "inner_fp32_aligned": ("_inner_kernel", "*fp32", "all", False),
+    "inner_bf16_aligned": ("_inner_kernel", "*bf16", "all", False),
+    "inner_fp32_unaligned": ("_inner_kernel", "*fp32", "none", False),
+    "inner_fp32_int64": ("_inner_kernel", "*fp32", "none", True),
+    "outer_bf16_aligned": ("_outer_kernel", "*bf16", "all", False),
+    "outer_fp32_aligned": ("_outer_kernel", "*fp32", "all", False),
+    "project_fp32_aligned": ("_project_kernel", "*fp32", "all", False),
 }
 
 
@@ -36,11 +36,10 @@ def _signature(kernel, ptr, int64):
     if kernel == "_inner_kernel":
         sig = {n: ptr for n in ["y_ptr", "v_ptr", "hg_ptr", "hr_ptr", "g_ptr", "y_out", "w_out", "hg_out", "hr_out"]}
         sig.update(part_ptr="*fp32", n=size, row_stride=size, beta="fp32", lam="fp32", keep_g="fp32",
-                   keep_r="fp32", scale_cur="fp32", scale_prev="fp32", FD="constexpr", BLOCK="constexpr")
+                   keep_r="fp32", BLOCK="constexpr")
     elif kernel == "_outer_kernel":
         sig = {n: ptr for n in ["x_ptr", "hf_ptr", "g_ptr", "x_out", "hf_out"]}
-        sig.update(n=size, row_stride=size, alpha="fp32", keep_f="fp32", scale_cur="fp32", scale_prev="fp32",
-                   FD="constexpr", BLOCK="constexpr")
+        sig.update(n=size, row_stride=size, alpha="fp32", keep_f="fp32", BLOCK="constexpr")
     else:
         sig = {"w_ptr": ptr, "sq_ptr": "*fp32", "v_out": ptr, "n": size, "radius": "fp32", "BLOCK": "constexpr"}
     return sig
@@ -60,13 +59,13 @@ def lower_all() -> dict:
         return {"error": "TRITON_INTERPRET is set: cannot lower for a GPU"}
     target = GPUTarget("cuda", 90, 32)
     out = {"BLOCK": T.BLOCK, "NUM_WARPS": T.NUM_WARPS}
-    for name, (kernel, ptr, fd, aligned, int64) in CASES.items():
+    for name, (kernel, ptr, aligned, int64) in CASES.items():
         sig = _signature(kernel, ptr, int64)
         attrs = {}
         if aligned == "all":  # what the launcher infers for 16-byte pointers and sizes divisible by 16
             attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, ty) in enumerate(sig.items())
                      if (ty.startswith("*") or ty.startswith("i")) and arg != "sq_ptr" and arg != "part_ptr"}
-        constexprs = {"BLOCK": T.BLOCK} if fd is None else {"FD": fd, "BLOCK": T.BLOCK}
+        constexprs = {"BLOCK": T.BLOCK}
         src = ASTSource(fn=getattr(T, kernel), signature=sig, constexprs=constexprs, attrs=attrs)
         try:
             ptx = triton.compile(src, target=target, options={"num_warps": T.NUM_WARPS}).asm["ptx"]
@@ -94,7 +93,7 @@ def lowered():
 
 
 @pytest.mark.parametrize("case,streams_in,ptr_bytes", [
-    ("inner_fd_fp32_aligned", 4 + 8, 4), ("inner_exact_bf16_aligned", 4 + 6, 2),
+    ("inner_fp32_aligned", 4 + 6, 4), ("inner_bf16_aligned", 4 + 6, 2),
 ])
 def test_inner_kernel_uses_vector_accesses_when_aligned(lowered, case, streams_in, ptr_bytes):
     per_thread = lowered["BLOCK"] // (32 * lowered["NUM_WARPS"])  # elements of each stream per thread
@@ -104,7 +103,7 @@ def test_inner_kernel_uses_vector_accesses_when_aligned(lowered, case, streams_i
     assert c["stores"] == {"v4": 4 * accesses, "scalar": 1}  # y, w, h_g, h_R; one partial Σw²
 
 
-@pytest.mark.parametrize("case", ["outer_fd_bf16_aligned", "outer_exact_fp32_aligned"])
+@pytest.mark.parametrize("case", ["outer_bf16_aligned", "outer_fp32_aligned"])
 def test_outer_kernel_uses_vector_accesses_when_aligned(lowered, case):
     c = lowered[case]
     assert c["loads"]["scalar"] == 0 and c["loads"]["v4"] > 0
@@ -119,9 +118,9 @@ def test_project_kernel_reads_the_norm_once(lowered):
 
 def test_unaligned_and_64_bit_sizes_lower(lowered):
     """n not a multiple of 16 compiles to scalar accesses; 64-bit sizes compile."""
-    c = lowered["inner_fd_fp32_unaligned"]
+    c = lowered["inner_fp32_unaligned"]
     assert c["loads"]["v4"] == 0 and c["loads"]["scalar"] > 0
-    assert lowered["inner_exact_fp32_int64"]["loads"]["scalar"] > 0
+    assert lowered["inner_fp32_int64"]["loads"]["scalar"] > 0
 
 
 if __name__ == "__main__":

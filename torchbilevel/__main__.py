@@ -1,22 +1,23 @@
-"""Command line: ``python -m torchbilevel demo`` and ``python -m torchbilevel run NAME``.
+"""Command line of torchbilevel: the demo and the papers' experiments.
 
-    python -m torchbilevel demo                      # hyper-cleaning on MNIST-5k, ~2 min on 2 cores
+    python -m torchbilevel demo                      # hyper-cleaning on MNIST-5k, about 1.5 min on 2 cores
     python -m torchbilevel demo --methods aid_cg,fmbo,noisy --seconds 5
     python -m torchbilevel run shallow_hr --set embedding=two_layer --out out/hr.png
     python -m torchbilevel run deep_hr --device cuda
 
-Prints a results table (one row per method: steps, optimisation seconds,
-metrics) and saves a PNG of the metrics against seconds plus a CSV record.
+Each run prints a results table (one row per method: steps, optimisation seconds,
+metrics) and saves a PNG of the metrics against optimisation time plus a CSV record.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import textwrap
 import time
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "default_out", "EXPERIMENT_LINES"]
 
 
 _UNSET = object()  # --seconds not given (None means "no limit")
@@ -44,36 +45,105 @@ def _seconds(text: str):
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", help="comma-separated method names (default: all of the experiment)")
-    parser.add_argument("--out", help="PNG path (default out/demo_<experiment>.png); a CSV is written beside it")
-    parser.add_argument("--steps", type=_positive_int, help="maximum steps per method")
-    parser.add_argument("--seconds", type=_seconds, default=_UNSET,
-                        help="optimisation-time budget per method ('none': no limit)")
-    parser.add_argument("--seed", type=int, help="seed of data split, corruption and minibatches")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch CPU threads (default 1: the tensors are small, and on a "
+#: one line per experiment, for the help text
+EXPERIMENT_LINES = {
+    "hyperclean": "data hyper-cleaning on MNIST-5k: learn a weight per training sample when 40% of labels are corrupted",
+    "shallow_hr": "shallow hyper-representation on synthetic data, with exact hypergradients to compare against",
+    "deep_hr": "deep hyper-representation: LeNet body (outer) and linear head (inner) on MNIST-5k",
+    "weight_decay": "per-feature weight decay of logistic regression on scikit-learn digits or breast_cancer",
+}
+
+
+def _experiments_epilog() -> str:
+    """The experiments with one line each, their method names and default budgets."""
+    from .experiments import EXPERIMENTS
+
+    lines = ["experiments (default budget per method; methods: name (label in the table)):"]
+    for name in sorted(EXPERIMENTS):
+        module, config_cls = EXPERIMENTS[name]
+        cfg = config_cls()
+        budget = f"{cfg.seconds:g} s or {cfg.steps} steps" if cfg.seconds is not None else f"{cfg.steps} steps"
+        lines += textwrap.wrap(EXPERIMENT_LINES.get(name, ""), width=92, initial_indent=f"  {name:<14}",
+                               subsequent_indent=" " * 18)
+        lines.append(" " * 16 + f"defaults: {budget}, seed {cfg.seed}")
+        entries = [f"{k} ({module.LABELS[k]})" for k in module.METHODS]
+        line = " " * 16 + "methods:"
+        for i, entry in enumerate(entries):  # whole entries per line, never split inside one
+            entry += "," if i < len(entries) - 1 else ""
+            if len(line) + 1 + len(entry) > 92:
+                lines.append(line)
+                line = " " * 18 + entry
+            else:
+                line += " " + entry
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _add_common(parser: argparse.ArgumentParser, out_default: str) -> None:
+    parser.add_argument("--methods", metavar="M1,M2",
+                        help="comma-separated method names, see the list below (default: all methods "
+                             "of the experiment)")
+    parser.add_argument("--out", metavar="PATH",
+                        help=f"PNG path (default: {out_default}); the CSV record is written beside it "
+                             "with the extension .csv")
+    parser.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="maximum steps per method (default: the experiment's, listed below)")
+    parser.add_argument("--seconds", type=_seconds, default=_UNSET, metavar="S",
+                        help="optimisation-time budget per method in seconds; 'none' = no limit "
+                             "(default: the experiment's, listed below)")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="seed of data split, corruption and minibatches (default: 0)")
+    parser.add_argument("--device", metavar="DEV", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                        help="torch CPU threads (default: 1; the tensors are small, and on a "
                              "2-core machine 2 threads made steps several times slower "
                              "whenever another process was running)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any config field, e.g. --set corruption=0.1 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="override any field of the experiment's config, e.g. --set corruption=0.1 "
+                             "(repeatable; default: none)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: a bar whose time left is the budget not yet spent)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``torchbilevel`` argument parser (subcommands ``demo`` and ``run``)."""
     from .experiments import EXPERIMENTS
 
-    parser = argparse.ArgumentParser(prog="torchbilevel", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="hyper-cleaning demo (or --experiment NAME)")
-    demo.add_argument("--experiment", default="hyperclean", choices=sorted(EXPERIMENTS))
-    _add_common(demo)
-    run = sub.add_parser("run", help="run one experiment")
-    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    _add_common(run)
+    epilog = _experiments_epilog()
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="torchbilevel", formatter_class=fmt, epilog=epilog,
+        description="Bilevel optimisation with torchbilevel: run the demo or one of the papers'\n"
+                    "experiments, print a results table and save a plot and a CSV record.\n\n"
+                    "  demo           hyper-cleaning demo on MNIST-5k (about 1.5 min on 2 CPU cores);\n"
+                    "                 writes out/demo_<experiment>.png and .csv\n"
+                    "  run NAME       run experiment NAME; writes out/NAME.png and .csv\n\n"
+                    "'python -m torchbilevel demo --help' and 'python -m torchbilevel run --help'\n"
+                    "list the options with their defaults.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run}")
+    demo = sub.add_parser(
+        "demo", formatter_class=fmt, epilog=epilog,
+        help="hyper-cleaning demo (or --experiment NAME); writes out/demo_<experiment>.png",
+        description="Run the demo: data hyper-cleaning on MNIST-5k with every method side by side\n"
+                    "(or another experiment with --experiment), print the results table, save\n"
+                    "out/demo_<experiment>.png and a CSV record beside it.")
+    demo.add_argument("--experiment", default="hyperclean", choices=sorted(EXPERIMENTS),
+                      help="the experiment to run (default: hyperclean)")
+    _add_common(demo, "out/demo_<experiment>.png")
+    run = sub.add_parser(
+        "run", formatter_class=fmt, epilog=epilog,
+        help="run one experiment; writes out/NAME.png",
+        description="Run one of the papers' experiments with every method side by side, print\n"
+                    "the results table, save out/NAME.png and a CSV record beside it.")
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS), metavar="NAME",
+                     help="one of: " + ", ".join(sorted(EXPERIMENTS)) + " (see below)")
+    _add_common(run, "out/<NAME>.png")
     return parser
+
+
+def default_out(command: str, experiment: str) -> str:
+    """Where a command writes its PNG when ``--out`` is not given."""
+    return f"out/demo_{experiment}.png" if command == "demo" else f"out/{experiment}.png"
 
 
 def _convert(default, text: str):
@@ -147,9 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    out = args.out
-    if out is None and args.command == "run":
-        out = f"out/{args.experiment}.png"
+    out = args.out if args.out is not None else default_out(args.command, args.experiment)
     start = time.perf_counter()
     try:
         result = demo(args.experiment, config, out=out, progress=not args.no_progress)
@@ -159,8 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     print()
     print(result.table)
-    print(f"\nseconds = optimisation time per method (metric evaluation excluded); "
-          f"total wall-clock {wall:.1f} s")
+    print(f"\ntotal wall-clock {wall:.1f} s (data loading, metric evaluation and plotting included)")
     print(f"plot: {result.png}")
     print(f"record: {result.csv}")
     return 0

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from . import EXPERIMENTS
 from .plotting import plot_curves
 from .records import final_rows, format_table, write_csv
 
-__all__ = ["DemoResult", "TABLE_COLUMNS", "PLOTS", "demo", "progress_bar"]
+__all__ = ["DemoResult", "TABLE_COLUMNS", "COLUMN_FORMATS", "COLUMN_NOTES", "PLOTS", "X_LABEL",
+           "demo", "progress_bar", "setting", "notes", "table"]
 
 # columns of the printed table and the plotted metrics, per experiment
 TABLE_COLUMNS = {
@@ -22,12 +23,90 @@ TABLE_COLUMNS = {
     "deep_hr": ["method", "step", "seconds", "outer_acc", "test_acc", "test_loss"],
     "weight_decay": ["method", "step", "seconds", "test_acc", "test_loss", "val_loss", "mean_lam"],
 }
-PLOTS = {
-    "hyperclean": (["test_loss", "auc"], False),
-    "shallow_hr": (["phi", "hypergrad_error"], True),
-    "deep_hr": (["test_loss", "outer_acc"], False),
-    "weight_decay": (["test_loss", "test_acc"], False),
+
+#: fixed number format of each table column (format spec of a float); others: ".4f"
+COLUMN_FORMATS = {
+    "seconds": ".2f", "test_acc": ".3f", "outer_acc": ".3f", "auc": ".3f",
+    "test_loss": ".4f", "val_loss": ".4f", "phi": ".3e", "grad_norm": ".3e",
+    "hypergrad_error": ".3e", "mean_lam": ".4f",
 }
+
+#: what each column means, with its unit (printed under the table)
+COLUMN_NOTES = {
+    "step": "steps taken",
+    "seconds": "optimisation time in s (metric evaluation excluded)",
+    "test_acc": "test accuracy (fraction correct)",
+    "outer_acc": "accuracy on the outer (validation) split (fraction correct)",
+    "test_loss": "test loss ({loss})",
+    "val_loss": "validation loss ({loss}) at the current iterates",
+    "auc": "AUC of the learned weights σ(λ_i) separating clean from corrupted training samples (0.5 = chance, 1 = perfect)",
+    "phi": "Φ(λ) = outer loss at the exact inner solution (mean squared error)",
+    "grad_norm": "‖∇Φ(λ)‖, exact",
+    "hypergrad_error": "relative error ‖ĝ − ∇Φ‖/‖∇Φ‖ of the method's own hypergradient estimate ĝ (dimensionless)",
+    "mean_lam": "mean learned log weight decay λ",
+}
+
+#: per experiment: (metric, axis label with unit) per panel, and whether the y-axis is logarithmic
+PLOTS = {
+    "hyperclean": ([("test_loss", "test loss (cross-entropy, nats)"),
+                    ("auc", "AUC of σ(λ): clean vs corrupted samples")], False),
+    "shallow_hr": ([("phi", "Φ(λ): outer MSE at the exact inner solution"),
+                    ("hypergrad_error", "hypergradient relative error ‖ĝ − ∇Φ‖/‖∇Φ‖")], True),
+    "deep_hr": ([("test_loss", "test loss (cross-entropy, nats)"),
+                 ("outer_acc", "outer (validation) accuracy (fraction)")], False),
+    "weight_decay": ([("test_loss", "test loss (cross-entropy, nats)"),
+                      ("test_acc", "test accuracy (fraction)")], False),
+}
+
+#: x-axis label of every plot
+X_LABEL = "optimisation time (s, metric evaluation excluded)"
+
+
+def _budget(config: Any) -> str:
+    if config.seconds is not None:
+        return f"{config.seconds:g} s per method"
+    return f"{config.steps} steps per method"
+
+
+def setting(experiment: str, config: Any) -> str:
+    """One line stating the experiment's setting (data, sizes, corruption, budget): the plot title."""
+    c = config
+    if experiment == "hyperclean":
+        text = (f"Data hyper-cleaning, MNIST-5k: {c.n_train} train / {c.n_val} val / {c.n_test} test, "
+                f"{c.corruption:.0%} of training labels corrupted")
+    elif experiment == "shallow_hr":
+        text = (f"Shallow hyper-representation ({c.embedding} embedding), synthetic: p = {c.p}, d = {c.d}, "
+                f"n = {c.n} per split")
+    elif experiment == "deep_hr":
+        text = (f"Deep hyper-representation, LeNet body + linear head, MNIST-5k: {c.n_inner} inner / "
+                f"{c.n_outer} outer / {c.n_test} test")
+    elif experiment == "weight_decay":
+        text = (f"Per-feature weight decay, logistic regression on scikit-learn {c.dataset}: "
+                f"{c.train_fraction:.0%} train / {c.val_fraction:.0%} val / rest test")
+    else:
+        text = experiment
+    return f"{text}; {_budget(c)}"
+
+
+def notes(experiment: str, config: Any, methods: Sequence[str]) -> list[str]:
+    """Footnotes for the table: methods known to be untuned or high-variance in this setting."""
+    out = []
+    if experiment == "hyperclean" and "PZOBO-S" in methods:
+        q = getattr(config, "directions", 1)
+        out.append(
+            f"PZOBO-S uses Q = {q} Gaussian direction(s) per hypergradient for a {config.n_train}-dimensional λ, "
+            "as configured here: its estimate has variance of order dim(λ)/Q, high relative to the other "
+            "methods at this step budget (each extra direction costs one more inner path).")
+    zeroth = [m for m in methods if m.startswith("PZOBO") or m.startswith("HOZOG")]
+    if experiment == "shallow_hr" and zeroth:
+        out.append(
+            f"{', '.join(zeroth)}: {config.directions} random direction(s) per hypergradient in a "
+            "high-dimensional λ, as configured here: high-variance estimates at this step budget "
+            "(see hypergrad_error).")
+    if "first-order" in methods:
+        out.append("first-order: ∇x f at the current inner iterate only, without the implicit term "
+                   "−∇xy g·v: a biased baseline by design.")
+    return out
 
 
 @dataclasses.dataclass
@@ -41,15 +120,34 @@ class DemoResult:
 
 
 def progress_bar(total: float, desc: str, unit: str = "step", enabled: bool = True):
-    """A tqdm bar (or None when disabled or tqdm is not installed)."""
+    """A tqdm bar over the run's budget (or None when disabled or tqdm is not installed).
+
+    ``unit="s"``: ``total`` is the optimisation-time budget in seconds and the bar advances
+    by optimisation seconds; the time left it shows is the budget not yet spent (metric
+    evaluation adds a little), not an extrapolation of the first, slow iterations
+    (data loading, first-call initialisation). ``unit="step"``: ``total`` steps, and the
+    time left is extrapolated from the average rate since the start.
+    """
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}<{remaining}{postfix}]"
-    return tqdm(total=total, desc=desc, unit=unit, bar_format=fmt)
+
+    if unit != "s":
+        fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} steps [{elapsed} elapsed, ~{remaining} left{postfix}]"
+        return tqdm(total=total, desc=desc, unit=unit, bar_format=fmt, smoothing=0)
+
+    class _BudgetBar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            d["budget_left"] = self.format_interval(max(0.0, (d["total"] or 0) - d["n"]))
+            return d
+
+    fmt = "{l_bar}{bar}| {n:.1f}/{total:.0f} s of budget [{elapsed} elapsed, ~{budget_left} left{postfix}]"
+    return _BudgetBar(total=total, desc=desc, unit=unit, bar_format=fmt)
 
 
 def _total(config: Any) -> float:
@@ -83,10 +181,26 @@ def demo(experiment: str = "hyperclean", config: Any = None, out: str | None = N
     finally:
         if bar is not None:
             bar.close()
-    table = format_table(final_rows(record), TABLE_COLUMNS[experiment])
-    metrics, logy = PLOTS[experiment]
-    png = plot_curves(record, out, metrics, x="seconds", logy=logy,
-                      title=title or f"{experiment} (time = optimisation only)")
+    text = table(experiment, config, record)
+    panels, logy = PLOTS[experiment]
+    png = plot_curves(record, out, [m for m, _ in panels], x="seconds", logy=logy,
+                      title=title or setting(experiment, config), xlabel=X_LABEL,
+                      ylabels=[label for _, label in panels])
     csv_path = os.path.splitext(out)[0] + ".csv"
     write_csv(record, csv_path)
-    return DemoResult(record, table, png, csv_path)
+    return DemoResult(record, text, png, csv_path)
+
+
+def table(experiment: str, config: Any, record: Sequence[dict]) -> str:
+    """The results table (last row of each method, fixed decimals per column) with a
+    line per column saying what it measures, and footnotes from :func:`notes`."""
+    columns = TABLE_COLUMNS[experiment]
+    rows = final_rows(record)
+    lines = [format_table(rows, columns, formats=COLUMN_FORMATS), ""]
+    loss = "mean squared error" if experiment == "shallow_hr" else "cross-entropy, nats"
+    lines += [f"{col}: {COLUMN_NOTES[col].format(loss=loss)}" for col in columns[1:] if col in COLUMN_NOTES]
+    diverged = [r["method"] for r in rows if "diverged" in r]
+    if diverged:
+        lines.append(f"diverged (stopped at the step shown, no metrics): {', '.join(diverged)}")
+    lines += [f"Note: {n}" for n in notes(experiment, config, [r["method"] for r in rows])]
+    return "\n".join(lines)

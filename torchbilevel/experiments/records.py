@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 __all__ = ["final_rows", "format_table", "write_csv", "methods_in"]
 
@@ -28,21 +28,27 @@ def final_rows(record: Sequence[dict]) -> list[dict]:
     return [last[name] for name in methods_in(record)]
 
 
-def _cell(value) -> str:
+def _cell(value, spec: str | None = None) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
+        if spec is not None:
+            return format(value, spec)
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
     return str(value)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str], markdown: bool = False) -> str:
+def format_table(rows: Sequence[dict], columns: Sequence[str], markdown: bool = False,
+                 formats: Mapping[str, str] | None = None) -> str:
     """Rows as an aligned text table (or a markdown table) over ``columns``.
 
-    A column missing from a row prints as ``-``.
+    ``formats`` maps a column to a format spec for its float values (e.g. ``".3f"``),
+    so that a column prints with fixed decimals; other floats print with 4 significant
+    digits. A column missing from a row prints as ``-``.
     """
-    body = [[_cell(row.get(col, "-")) if row.get(col) is not None else "-" for col in columns]
-            for row in rows]
+    formats = formats or {}
+    body = [[_cell(row.get(col, "-"), formats.get(col)) if row.get(col) is not None else "-"
+             for col in columns] for row in rows]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]

@@ -12,21 +12,60 @@ from typing import Optional
 
 from .single_loop import single_loop
 
-_DOC_ARGS = """
+def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
+           delta: Optional[float] = None, backend: str = "auto", batched: Optional[bool] = None,
+           independent_outer_sample: bool = False, check_finite: bool = True):
+    """FdeHBO: fully single-loop, Hessian/Jacobian-free bilevel optimiser.
+
+    Paper: Yang, Xiao, Ji, "Achieving O(ε^-1.5) Complexity in Hessian/Jacobian-free
+    Stochastic Bilevel Optimization", NeurIPS 2023, Alg. 1. Recursive momentum on y, v
+    and x (eq. (6), (7), (10)); the products ∇yy g·v and ∇xy g·v are central finite
+    differences of ∇g at y ± δv (eq. (9), (11)); v is projected on a ball of radius r
+    (line 6). Cost per step: about 5 gradient evaluations of g (measured 5.0 on LeNet
+    hyper-representation, bench/RESULTS.md; 6 full gradients + 2 y-gradients if the ±
+    points were evaluated separately), no second-order products, O(dim x + dim y) state.
+    Complexity O(ε^-1.5) under the paper's assumptions (Theorem 1).
+
     Args:
         problem: a :class:`torchbilevel.Bilevel`.
         lr_x, lr_y, lr_v: step sizes α (outer), β (inner), λ (linear system); numbers > 0
             or callables of the step t (``tb.schedules.theorem1()`` gives Theorem 1's).
-        eta_x, eta_y, eta_v: momentum weights η^f, η^g, η^R in [0, 1] (1 = no momentum),
-            numbers or callables of t.
-        radius: r_v, radius of the ball v is projected on (Theorem 1 needs r_v ≥ C_fy/μ_g);
-            ``float('inf')`` disables the projection.
+            Choose ``lr_y`` as for plain gradient descent on g (≈ 1/L_g, L_g the
+            smoothness of g in y) and ``lr_v`` the same (the linear system's operator
+            is ∇yy g, with the same curvature); ``lr_x`` as for SGD on the outer loss,
+            then lower it if the outer loss oscillates.
+        eta_x, eta_y, eta_v: momentum weights η^f, η^g, η^R in [0, 1], numbers or callables
+            of t. Default 1 = no momentum (plain stochastic steps); the paper's
+            variance reduction comes from η < 1: with minibatches start at 0.5
+            (the demo's setting), with full batches keep 1.
+        radius: r, radius of the ball v is projected on (Alg. 1 line 6); required.
+            Theorem 1 needs r ≥ ‖v*‖, v* solving ∇yy g·v = ∇y f, so r ≈ ‖∇y f‖/μ_g
+            (μ_g: strong convexity of g in y). A quick estimate: a few CG steps,
+            ``_, aux = tb.hypergrad(problem, tb.aid(tb.cg(steps=20)), has_aux=True)(x, y,
+            inner_batch, outer_batch)``, then radius = 1.5-2 × the norm of ``aux.v``
+            (the norm over all its tensors). Too small a radius clips v and biases the
+            hypergradient: the step warns (RuntimeWarning naming radius) when the
+            projection binds in most recent steps. ``float('inf')`` disables it.
+        delta: the finite-difference step δ > 0; default None picks δ_t each step so that
+            ‖δ_t v_t‖ = ε^(1/3)(1 + ‖y_t‖) (ε: machine epsilon of y's dtype, δ kept in float32;
+            see ``torchbilevel.derivatives.fd_delta``): it balances the O(δ²) truncation
+            error against the O(ε/δ) rounding error, so leave it at None unless g is
+            noisy along y ± δv. Accurate where g is smooth along y ± δv (linear /
+            softmax heads); across ReLU kinks the FD error is O(1): use FMBO there.
+        batched: take the two finite-difference points y ± δv through one ``vmap`` over the
+            sign with x unbatched, so the x-only part of g (a network body) runs forward and
+            backward once for both (measured 1.0 vs 1.6 gradient evaluations of g on
+            LeNet, bench/RESULTS.md).  False evaluates g twice in plain autograd, for objectives
+            vmap cannot trace (``.item()``, data-dependent control flow); the default None
+            tries vmap first and falls back to that when vmap fails.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton imports),
-            ``"torch"`` or ``"triton"`` for the fused update.
+            ``"torch"`` or ``"triton"`` for the fused update (momentum recursions, the
+            y/v/x steps and the ball projection over flat buffers; see
+            ``torchbilevel.kernels``).
         independent_outer_sample: draw ξ̄_t (outer hypergradient) independently of ψ_t
-            (linear system), as the paper's analysis does; costs 4 (FdeHBO) more gradient
-            evaluations of g per step.  Default: ξ̄_t = ψ_t, so the y ± δv evaluations give
-            both products (6 full gradients + 2 inner y-gradients per step).
+            (linear system), as the paper's analysis does; costs more gradient
+            evaluations of g per step.  Default: ξ̄_t = ψ_t, so one evaluation of the
+            products serves both.
         check_finite: raise FloatingPointError naming the stage (state untouched) when a
             step produces NaN/inf; one host read per step.
 
@@ -35,27 +74,12 @@ _DOC_ARGS = """
     re-evaluated on the current samples, as eq. (6), (7), (10) require.  The first step
     (no previous iterate) uses the plain stochastic gradients.
 
-    Returns an :class:`torchbilevel.Algorithm`: ``state = algo.init(x, y)``,
-    ``state = algo.step(state, inner_batch, outer_batch)``; ``state.x``, ``state.y`` are dicts.
-"""
-
-
-def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
-           delta: Optional[float] = None, backend: str = "auto", batched: Optional[bool] = None,
-           independent_outer_sample: bool = False, check_finite: bool = True):
-    """FdeHBO (Alg. 1 of the FdeHBO paper): single loop, recursive momentum on y, v and x,
-    finite-difference Hessian/Jacobian-vector products, v projected on a ball.
-
-    batched: take the two finite-difference points y ± δv through one ``vmap`` over the
-        sign with x unbatched, so the x-only part of g (a network body) runs forward and
-        backward once for both (default True; measured 1.0 vs 2.2 gradient evaluations on
-        LeNet, bench/RESULTS.md).  False evaluates g twice in plain autograd, for
-        objectives vmap cannot trace (``.item()``, data-dependent control flow).
-    delta: the finite-difference step δ > 0; default None picks δ_t each step so that
-        ‖δ_t v_t‖ = ε^(1/3)(1 + ‖y_t‖) (ε: machine epsilon of y's dtype, δ kept in float32;
-        see ``torchbilevel.derivatives.fd_delta``).  Accurate where g is smooth along
-        y ± δv (linear / softmax heads); across ReLU kinks the FD error is O(1).
-    """ + _DOC_ARGS
+    Returns:
+        An :class:`torchbilevel.Algorithm`: ``state = algo.init(x, y)``,
+        ``state = algo.step(state, inner_batch, outer_batch)``; ``state.x``, ``state.y``,
+        ``state.v`` are dicts; ``algo.state_dict(state)`` / ``algo.load_state_dict(d)``
+        checkpoint it.
+    """
     return single_loop(problem, fd=True, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
                        eta_v=eta_v, radius=radius, delta=delta, backend=backend, batched=batched,
                        independent_outer_sample=independent_outer_sample, check_finite=check_finite,
@@ -65,12 +89,61 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
 def fmbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
          backend: str = "auto",
          independent_outer_sample: bool = False, check_finite: bool = True):
-    """FMBO (Alg. 2 of the FdeHBO paper): FdeHBO with exact products — one backward of
-    ⟨∇y g, v⟩ gives ∇yy g·v and ∇xy g·v together (eq. (12), (13))."""
+    """FMBO: fully single-loop bilevel optimiser with exact second-order products.
+
+    Paper: Yang, Xiao, Ji, "Achieving O(ε^-1.5) Complexity in Hessian/Jacobian-free
+    Stochastic Bilevel Optimization", NeurIPS 2023, Alg. 2. FdeHBO with exact products:
+    one backward of ⟨∇y g, v⟩ gives ∇yy g·v and ∇xy g·v together (eq. (12), (13)).
+    Cost per step: about 5 gradient evaluations of g (measured 5.0 on LeNet
+    hyper-representation, bench/RESULTS.md: parity with FdeHBO), one Hessian-vector and
+    one Jacobian-vector product per evaluated point, O(dim x + dim y) state. Use it
+    instead of FdeHBO when g is not smooth along y (ReLU or max-pool layers in y).
+    It takes the keywords of :func:`torchbilevel.fdehbo` except ``delta`` and ``batched``.
+
+    Args:
+        problem: a :class:`torchbilevel.Bilevel`.
+        lr_x, lr_y, lr_v: step sizes α (outer), β (inner), λ (linear system); numbers > 0
+            or callables of the step t (``tb.schedules.theorem1()`` gives Theorem 1's).
+            Choose ``lr_y`` as for plain gradient descent on g (≈ 1/L_g, L_g the
+            smoothness of g in y) and ``lr_v`` the same (the linear system's operator
+            is ∇yy g, with the same curvature); ``lr_x`` as for SGD on the outer loss,
+            then lower it if the outer loss oscillates.
+        eta_x, eta_y, eta_v: momentum weights η^f, η^g, η^R in [0, 1], numbers or callables
+            of t. Default 1 = no momentum (plain stochastic steps); the paper's
+            variance reduction comes from η < 1: with minibatches start at 0.5
+            (the demo's setting), with full batches keep 1.
+        radius: r, radius of the ball v is projected on (Alg. 1 line 6); required.
+            Theorem 1 needs r ≥ ‖v*‖, v* solving ∇yy g·v = ∇y f, so r ≈ ‖∇y f‖/μ_g
+            (μ_g: strong convexity of g in y). A quick estimate: a few CG steps,
+            ``_, aux = tb.hypergrad(problem, tb.aid(tb.cg(steps=20)), has_aux=True)(x, y,
+            inner_batch, outer_batch)``, then radius = 1.5-2 × the norm of ``aux.v``
+            (the norm over all its tensors). Too small a radius clips v and biases the
+            hypergradient: the step warns (RuntimeWarning naming radius) when the
+            projection binds in most recent steps. ``float('inf')`` disables it.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when triton imports),
+            ``"torch"`` or ``"triton"`` for the fused update (momentum recursions, the
+            y/v/x steps and the ball projection over flat buffers; see
+            ``torchbilevel.kernels``).
+        independent_outer_sample: draw ξ̄_t (outer hypergradient) independently of ψ_t
+            (linear system), as the paper's analysis does; costs more gradient
+            evaluations of g per step.  Default: ξ̄_t = ψ_t, so one evaluation of the
+            products serves both.
+        check_finite: raise FloatingPointError naming the stage (state untouched) when a
+            step produces NaN/inf; one host read per step.
+
+    Samples: with iterator batches each step draws ζ_t (y update) and ψ_t (linear system)
+    from ``inner_batch``, and ψ_t's outer part from ``outer_batch``; the previous iterate is
+    re-evaluated on the current samples, as eq. (6), (7), (10) require.  The first step
+    (no previous iterate) uses the plain stochastic gradients.
+
+    Returns:
+        An :class:`torchbilevel.Algorithm`: ``state = algo.init(x, y)``,
+        ``state = algo.step(state, inner_batch, outer_batch)``; ``state.x``, ``state.y``,
+        ``state.v`` are dicts; ``algo.state_dict(state)`` / ``algo.load_state_dict(d)``
+        checkpoint it.
+    """
     return single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
                        eta_v=eta_v, radius=radius, delta=None, backend=backend, batched=None,
                        independent_outer_sample=independent_outer_sample, check_finite=check_finite,
                        name="fmbo")
 
-
-fmbo.__doc__ += _DOC_ARGS
