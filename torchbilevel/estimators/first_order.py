@@ -20,6 +20,7 @@ class FirstOrder(NamedTuple):
     """First-order estimator config (no fields; see :func:`first_order`)."""
 
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
+        """(hypergradient dict shaped like x, HypergradAux) at (x, y); ``tb.hypergrad`` calls this."""
         fx, _, fval = outer_grads(problem, x, y, draw(outer_batch, "outer_batch"))
         return fx, HypergradAux(y, None, fval.detach())
 

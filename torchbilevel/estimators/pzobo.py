@@ -51,6 +51,7 @@ class PZOBO(NamedTuple):
         return u
 
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
+        """(hypergradient dict shaped like x, HypergradAux) at (x, y); ``tb.hypergrad`` calls this."""
         batches = [draw(inner_batch, "inner_batch") for _ in range(self.steps)]   # one path of batches
         ob = draw(outer_batch, "outer_batch")                                     # independent outer batch D_F
         path = lambda xx: unroll(problem, xx, y, batches, self.lr, differentiable=False)
