@@ -47,7 +47,8 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
             hypergradient: the step warns (RuntimeWarning naming radius) when the
             projection binds in most recent steps. ``float('inf')`` disables it.
         delta: the finite-difference step δ > 0; default None picks δ_t each step so that
-            ‖δ_t v_t‖ = ε^(1/3)(1 + ‖y_t‖) (ε: machine epsilon of y's dtype, δ kept in float32;
+            ‖δ_t v_t‖ = ε^(1/3)(1 + rms(y_t)) (ε: machine epsilon of y's dtype, rms(y) =
+            ‖y‖/√dim y the size of a typical entry, δ kept in float32;
             see ``torchbilevel.derivatives.fd_delta``): it balances the O(δ²) truncation
             error against the O(ε/δ) rounding error, so leave it at None unless g is
             noisy along y ± δv. Accurate where g is smooth along y ± δv (linear /
@@ -55,9 +56,13 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
         batched: take the two finite-difference points y ± δv through one ``vmap`` over the
             sign with x unbatched, so the x-only part of g (a network body) runs forward and
             backward once for both (measured 1.0 vs 1.6 gradient evaluations of g on
-            LeNet, bench/RESULTS.md).  False evaluates g twice in plain autograd, for objectives
-            vmap cannot trace (``.item()``, data-dependent control flow); the default None
-            tries vmap first and falls back to that when vmap fails.
+            LeNet, bench/RESULTS.md).  False evaluates g twice in plain autograd (cheaper
+            when y is most of the network, and for objectives vmap cannot trace:
+            ``.item()``, data-dependent control flow, nn.LSTM weights in y).  The default
+            None decides once, at the first step: vmap when its forward costs fewer than
+            1.6 plain forwards of g by a FLOP count, else two evaluations, and falls back
+            to two evaluations when vmap fails.  Either way both points see the same
+            dropout masks.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton imports),
             ``"torch"`` or ``"triton"`` for the fused update (momentum recursions, the
             y/v/x steps and the ball projection over flat buffers; see
