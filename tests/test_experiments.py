@@ -156,7 +156,8 @@ def test_shallow_hr_exact_hypergradient_matches_finite_differences():
 def test_shallow_hr_all_methods(embedding):
     cfg = shallow_hr.ShallowHRConfig(embedding=embedding, p=6, d=8, n=40, hidden=5, steps=30,
                                      seconds=None, eval_every=30, eval_seconds=None,
-                                     lr_x=0.1, pzobo_lr_x=1e-3, hozog_lr_x=1e-3)
+                                     lr_x=0.1, pzobo_lr_x=1e-3, hozog_lr_x=1e-3,
+                                     pzobo_sphere_lr_x=0.1, first_order_lr_x=0.1)
     record = shallow_hr.run(cfg)
     _check_rows(record, [shallow_hr.LABELS[m] for m in shallow_hr.METHODS],
                 ["val_loss", "phi", "test_loss", "grad_norm", "hypergrad_error"])
@@ -194,6 +195,47 @@ def test_deep_hr_all_methods():
     model, x, y = deep_hr.initial_point(cfg)
     assert any(k.startswith("body.") for k in x) and set(y) == {"head.weight", "head.bias"}
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in record)
+
+
+TINY_DEEP = dict(n_inner=64, n_outer=64, n_test=64, batch_size=32, steps=2, seconds=None,
+                 eval_every=2, eval_seconds=None, inner_steps=2, solver_steps=2)
+
+
+def test_deep_hr_declared_features_give_the_undeclared_numbers():
+    methods = ("aid_cg", "pzobo_s_sphere", "first_order", "fdehbo")
+    last = {}
+    for declared in (False, True):
+        cfg = deep_hr.DeepHRConfig(methods=methods, declared_features=declared, **TINY_DEEP)
+        assert (deep_hr.problem_of(deep_hr.initial_point(cfg)[0], cfg).features is not None) == declared
+        last[declared] = {r["method"]: r for r in final_rows(deep_hr.run(cfg))}
+    for name, row in last[False].items():
+        for metric in ("outer_loss", "test_loss"):
+            assert abs(row[metric] - last[True][name][metric]) < 1e-6, (name, metric)
+
+
+def test_deep_hr_body_with_batchnorm_and_dropout():
+    cfg = deep_hr.DeepHRConfig(body_norm_dropout=True, **TINY_DEEP)
+    model, _, _ = deep_hr.initial_point(cfg)
+    kinds = {type(m) for m in model.modules()}
+    assert {torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, torch.nn.Dropout} <= kinds and model.training
+    record = deep_hr.run(cfg)
+    _check_rows(record, [deep_hr.LABELS[m] for m in deep_hr.METHODS],
+                ["outer_loss", "outer_acc", "test_loss", "test_acc"])
+    # every method starts from the same running statistics (evaluated in eval mode)
+    starts = {r["outer_loss"] for r in record if r["step"] == 0}
+    assert len(starts) == 1
+
+
+def test_pzobo_direction_rules_and_first_order_are_registered():
+    from torchbilevel.experiments.methods import Hyper, estimator
+    hp = Hyper(lr_x=0.1, lr_y=0.1)
+    assert estimator("pzobo", hp).distribution == "gaussian"
+    assert estimator("pzobo_s", hp).distribution == "gaussian"
+    assert estimator("pzobo_sphere", hp).distribution == "sphere"
+    assert estimator("pzobo_s_sphere", hp).distribution == "sphere"
+    assert type(estimator("first_order", hp)).__name__ == "FirstOrder"
+    assert {"pzobo_sphere", "first_order"} <= set(shallow_hr.METHODS)
+    assert {"pzobo_s_sphere", "first_order"} <= set(deep_hr.METHODS)
 
 
 def test_weight_decay_all_methods_move_lambda():
@@ -276,3 +318,115 @@ def test_every_experiment_is_registered_with_a_table():
     assert set(EXPERIMENTS) == set(TABLE_COLUMNS) == set(PLOTS)
     text = format_table([{"method": "a", "x": 1.0}, {"method": "b"}], ["method", "x"])
     assert text.splitlines()[-1].split() == ["b", "-"]
+
+
+# ------------------------------------------------------------------ help text, out paths, table, plot
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["run", "--help"]])
+def test_help_lists_experiments_methods_and_defaults(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "`" not in text  # no raw reST markup
+    for name, (module, config_cls) in EXPERIMENTS.items():
+        assert name in text and cli.EXPERIMENT_LINES[name][:30] in text
+        for key in module.METHODS:
+            assert key in text, (name, key)
+        assert f"{config_cls().seconds:g} s or {config_cls().steps} steps" in text
+    if argv != ["--help"]:
+        # every option says its default
+        for option in ("--methods", "--out", "--steps", "--seconds", "--seed", "--device", "--threads",
+                       "--set", "--no-progress"):
+            block = text.split("options:", 1)[1].split("\n  " + option, 1)[1].split("\n  -", 1)[0]
+            assert "default" in " ".join(block.split()), option
+    if argv == ["run", "--help"]:
+        assert "out/<NAME>.png" in text and "demo_" not in text.split("options:")[1].split("experiments")[0]
+    if argv == ["demo", "--help"]:
+        assert "out/demo_<experiment>.png" in text and "(default: hyperclean)" in text
+
+
+def test_default_out_paths_match_the_help(tmp_path, monkeypatch, capsys):
+    """Without --out, `run NAME` writes out/NAME.png and `demo` writes out/demo_<experiment>.png."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps", "2", "--seconds", "none", "--no-progress", "--set", "dataset=breast_cancer"]
+    assert cli.main(["run", "weight_decay", "--methods", "aid_cg", *common]) == 0
+    assert (tmp_path / "out" / "weight_decay.png").exists() and (tmp_path / "out" / "weight_decay.csv").exists()
+    assert cli.main(["demo", "--experiment", "weight_decay", "--methods", "fixed", *common]) == 0
+    assert (tmp_path / "out" / "demo_weight_decay.png").exists()
+    printed = capsys.readouterr().out
+    assert "plot: out/weight_decay.png" in printed and "plot: out/demo_weight_decay.png" in printed
+    assert cli.default_out("run", "x") == "out/x.png" and cli.default_out("demo", "x") == "out/demo_x.png"
+
+
+def test_table_has_fixed_decimals_units_and_the_pzobo_note():
+    from torchbilevel.experiments.demo import table
+    cfg = hyperclean.HypercleanConfig(methods=("aid_cg", "pzobo_s", "noisy"), **TINY_HC)
+    record = [{"method": "AID-CG", "step": 6, "seconds": 0.5, "test_acc": 0.9, "test_loss": 0.41234567,
+               "val_loss": 0.4, "auc": 0.95},
+              {"method": "PZOBO-S", "step": 6, "seconds": 1.23456, "test_acc": 0.87654, "test_loss": 1.0,
+               "val_loss": 1.0, "auc": 0.5},
+              {"method": "train on noisy", "step": 6, "seconds": 0.1, "test_acc": 0.7, "test_loss": 1.1,
+               "val_loss": 1.0, "auc": None}]
+    text = table("hyperclean", cfg, record)
+    rows = [line.split() for line in text.splitlines()[2:4]]
+    assert rows[0][2:] == ["0.50", "0.900", "0.4123", "0.4000", "0.950"]  # fixed decimals per column
+    assert rows[1][2:] == ["1.23", "0.877", "1.0000", "1.0000", "0.500"]
+    assert "auc: AUC" in text and "cross-entropy, nats" in text
+    assert any(line.startswith("Note: PZOBO-S") for line in text.splitlines())
+    no_pzobo = table("hyperclean", cfg, [record[0]])
+    assert "Note:" not in no_pzobo
+
+
+def test_shallow_hr_table_says_what_hypergrad_error_is():
+    from torchbilevel.experiments.demo import table
+    cfg = shallow_hr.ShallowHRConfig()
+    text = table("shallow_hr", cfg, [{"method": "AID-CG", "step": 1, "seconds": 0.1, "phi": 0.5,
+                                      "test_loss": 0.5, "grad_norm": 1.0, "hypergrad_error": 1e-3}])
+    assert "1.000e-03" in text and "hypergrad_error: relative error ‖ĝ − ∇Φ‖/‖∇Φ‖" in text
+
+
+def test_plot_is_150_dpi_with_labels_and_one_marker_per_method(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from torchbilevel.experiments import plotting
+    record = [{"method": m, "seconds": float(t), "a": float(t) + i, "b": None if m == "base" else float(t)}
+              for i, m in enumerate(["m1", "m2", "base"]) for t in range(5)]
+    seen = {}
+    original = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        seen["dpi"] = kw.get("dpi")
+        seen["labels"] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        seen["markers"] = [[(ln.get_label(), ln.get_marker(), ln.get_color()) for ln in ax.get_lines()]
+                           for ax in fig.axes]
+        seen["legends"] = len(fig.legends)
+        return original(fig, path, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        plotting.plot_curves(record, str(tmp_path / "p.png"), ["a", "b"], xlabel="time (s)",
+                             ylabels=["loss (nats)", "auc"], title="setting")
+    finally:
+        plt.Figure.savefig = original
+    assert seen["dpi"] >= 150 and seen["legends"] == 1
+    assert seen["labels"] == [("time (s)", "loss (nats)"), ("time (s)", "auc")]
+    left, right = seen["markers"]
+    assert [m[0] for m in left] == ["m1", "m2", "base"] and [m[0] for m in right] == ["m1", "m2"]
+    assert left[:2] == right  # same marker and colour for a method on every panel
+    assert len({m[1] for m in left}) == 3
+
+
+def test_progress_bar_time_left_is_the_unspent_budget():
+    from torchbilevel.experiments.demo import progress_bar
+    pytest.importorskip("tqdm")
+    import io
+    bar = progress_bar(100.0, "x", unit="s")
+    bar.fp = io.StringIO()
+    bar.start_t -= 50.0  # 50 s of wall-clock passed (say, data loading) ...
+    bar.update(1.0)      # ... but only 1 s of the 100 s budget spent
+    text = str(bar)
+    bar.close()
+    assert "~01:39 left" in text  # 99 s of budget left, not an extrapolation of 50 s per second

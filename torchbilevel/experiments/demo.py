@@ -22,6 +22,7 @@ TABLE_COLUMNS = {
     "shallow_hr": ["method", "step", "seconds", "phi", "test_loss", "grad_norm", "hypergrad_error"],
     "deep_hr": ["method", "step", "seconds", "outer_acc", "test_acc", "test_loss"],
     "weight_decay": ["method", "step", "seconds", "test_acc", "test_loss", "val_loss", "mean_lam"],
+    "compare": ["method", "lr", "step", "oracles", "seconds", "score", "test_acc"],
 }
 
 #: fixed number format of each table column (format spec of a float); others: ".4f"
@@ -29,6 +30,7 @@ COLUMN_FORMATS = {
     "seconds": ".2f", "test_acc": ".3f", "outer_acc": ".3f", "auc": ".3f",
     "test_loss": ".4f", "val_loss": ".4f", "phi": ".3e", "grad_norm": ".3e",
     "hypergrad_error": ".3e", "mean_lam": ".4f",
+    "lr": "g", "oracles": "d", "score": ".3e",
 }
 
 #: what each column means, with its unit (printed under the table)
@@ -44,6 +46,9 @@ COLUMN_NOTES = {
     "grad_norm": "‖∇Φ(λ)‖, exact",
     "hypergrad_error": "relative error ‖ĝ − ∇Φ‖/‖∇Φ‖ of the method's own hypergradient estimate ĝ (dimensionless)",
     "mean_lam": "mean learned log weight decay λ",
+    "lr": "step size tuned on the grid (lr_x = x_ratio·lr)",
+    "oracles": "oracle calls (gradients, Hessian-vector and mixed products)",
+    "score": "the metric the step size was tuned on, median over seeds: ‖∇Φ(x)‖² / ‖∇Φ(x_0)‖², exact (compare on the quadratic) or test loss (compare on hyperclean)",
 }
 
 #: per experiment: (metric, axis label with unit) per panel, and whether the y-axis is logarithmic
@@ -56,6 +61,7 @@ PLOTS = {
                  ("outer_acc", "outer (validation) accuracy (fraction)")], False),
     "weight_decay": ([("test_loss", "test loss (cross-entropy, nats)"),
                       ("test_acc", "test accuracy (fraction)")], False),
+    "compare": ([("score", "‖∇Φ(x)‖² / ‖∇Φ(x_0)‖² or test loss (median over seeds)")], True),
 }
 
 #: x-axis label of every plot
@@ -103,6 +109,11 @@ def notes(experiment: str, config: Any, methods: Sequence[str]) -> list[str]:
             f"{', '.join(zeroth)}: {config.directions} random direction(s) per hypergradient in a "
             "high-dimensional λ, as configured here: high-variance estimates at this step budget "
             "(see hypergrad_error).")
+    sphere = [m for m in methods if "sphere" in m]
+    if sphere:
+        out.append(f"{', '.join(sphere)}: the PZOBO authors' released direction rule (per-tensor unit "
+                   "directions, no dimension factor): its mean is ∇x f + (1/p)·(implicit term), in effect "
+                   "the first-order partial gradient for a large λ; biased by design.")
     if "first-order" in methods:
         out.append("first-order: ∇x f at the current inner iterate only, without the implicit term "
                    "−∇xy g·v: a biased baseline by design.")

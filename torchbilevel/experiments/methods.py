@@ -16,8 +16,10 @@ __all__ = ["LABELS", "STOCHASTIC", "Hyper", "build", "estimator", "check_names"]
 LABELS = {
     "aid_cg": "AID-CG", "aid_fp": "AID-FP", "itd": "ITD", "stocbio": "stocBiO",
     "pzobo": "PZOBO", "pzobo_s": "PZOBO-S", "fmbo": "FMBO", "fdehbo": "FdeHBO",
+    "pzobo_sphere": "PZOBO (sphere)", "pzobo_s_sphere": "PZOBO-S (sphere)",
+    "first_order": "first-order",
 }
-STOCHASTIC = frozenset({"stocbio", "pzobo_s", "fmbo", "fdehbo"})
+STOCHASTIC = frozenset({"stocbio", "pzobo_s", "pzobo_s_sphere", "fmbo", "fdehbo"})
 
 
 @dataclasses.dataclass
@@ -27,7 +29,9 @@ class Hyper:
     Double-loop methods: ``inner_steps`` warm-started GD steps of size ``lr_y``,
     then the estimator (``solver_steps`` CG / fixed-point / ITD / Neumann
     steps; PZOBO uses ``inner_steps`` and ``directions`` Gaussian directions of
-    radius ``mu``), then one ``outer`` ("sgd" or "adam") step of size ``lr_x``.
+    radius ``mu``; the ``*_sphere`` variants draw the authors' released per-tensor unit
+    directions instead, ``first_order`` uses ∇x f alone), then one ``outer`` ("sgd" or
+    "adam") step of size ``lr_x``.
     Single-loop FMBO / FdeHBO use the ``single_*`` values.
     """
 
@@ -66,10 +70,16 @@ def estimator(name: str, hp: Hyper):
         return tb.itd(steps=hp.solver_steps, lr=hp.lr_y)
     if name == "stocbio":
         return tb.stocbio(neumann_steps=hp.solver_steps, eta=hp.neumann_eta or hp.lr_y)
-    if name in ("pzobo", "pzobo_s"):
+    if name in ("pzobo", "pzobo_s", "pzobo_sphere", "pzobo_s_sphere"):
+        # "gaussian": eq. (4)-(5) of the paper; "sphere": the authors' released code
+        # (per-tensor unit directions, no dimension factor: mean ∇x f + (1/p_k)·implicit term
+        # on each tensor of p_k entries)
         generator = torch.Generator(device=hp.device).manual_seed(hp.seed + 7)
         return tb.pzobo(steps=hp.inner_steps, lr=hp.lr_y, directions=hp.directions, mu=hp.mu,
-                        generator=generator)
+                        generator=generator,
+                        distribution="sphere" if name.endswith("_sphere") else "gaussian")
+    if name == "first_order":
+        return tb.first_order()
     raise ValueError(f"{name!r} is not a double-loop method")
 
 

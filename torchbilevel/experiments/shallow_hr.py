@@ -33,7 +33,8 @@ from .runner import Method, run_method
 __all__ = ["ShallowHRConfig", "LABELS", "METHODS", "make_data", "embed", "inner_loss",
            "outer_loss", "ridge_solution", "exact_hypergradient", "initial_point", "run"]
 
-LABELS = {**{k: METHOD_LABELS[k] for k in ("aid_fp", "aid_cg", "itd", "pzobo")},
+LABELS = {**{k: METHOD_LABELS[k] for k in
+              ("aid_fp", "aid_cg", "itd", "pzobo", "pzobo_sphere", "first_order")},
           "hozog": "HOZOG (full ZO)"}
 METHODS = tuple(LABELS)
 
@@ -48,6 +49,12 @@ class ShallowHRConfig:
     ITD, ``pzobo_lr_x`` for PZOBO and ``hozog_lr_x`` for HOZOG (the
     zeroth-order estimates are far noisier and diverge at ``lr_x``), with
     ``directions`` Gaussian directions of radius ``mu`` / ``hozog_mu``.
+    ``pzobo_sphere`` (PZOBO with the authors' released direction rule: per-tensor unit
+    directions, no dimension factor, so its mean is ∇x f + (1/p_k)·implicit term on a
+    tensor of p_k entries) and
+    ``first_order`` (∇x f alone) step with ``pzobo_sphere_lr_x`` / ``first_order_lr_x``
+    (default ``lr_x``'s 1.0: their estimates have the size of ∇x f, not of the
+    Gaussian estimator's √p-inflated noise).
     Full batch (n samples per split).
     """
 
@@ -68,6 +75,8 @@ class ShallowHRConfig:
     lr_y: float = 0.3
     lr_x: float = 1.0
     pzobo_lr_x: float = 0.01
+    pzobo_sphere_lr_x: float = 1.0
+    first_order_lr_x: float = 1.0
     directions: int = 1
     mu: float = 0.01
     hozog_lr_x: float = 0.01
@@ -196,8 +205,8 @@ def run(cfg: ShallowHRConfig, progress=None) -> list[dict]:
             algo = hozog(outer_loss, inner_loss(cfg.gamma), lr_x=cfg.hozog_lr_x,
                          inner_steps=cfg.inner_steps, lr_y=cfg.lr_y,
                          directions=cfg.directions, mu=cfg.hozog_mu, seed=cfg.seed + 5)
-        elif key == "pzobo":
-            algo = build(key, problem, dataclasses.replace(hp, lr_x=cfg.pzobo_lr_x))
+        elif key in ("pzobo", "pzobo_sphere", "first_order"):
+            algo = build(key, problem, dataclasses.replace(hp, lr_x=getattr(cfg, f"{key}_lr_x")))
         else:
             algo = build(key, problem, hp)
         probe = _probe(key, cfg, problem, hp, data) if cfg.hypergradient_error else None
