@@ -192,3 +192,14 @@ def test_nn_features_equals_the_module():
         assert torch.equal(b, buffers[k])            # hypergradients leave BatchNorm statistics alone
     with pytest.raises(ValueError, match="no submodule"):
         tb.nn.features(model, body="trunk", head="head")
+
+
+@pytest.mark.parametrize("name", ["aid-cg", "itd", "stocbio"])
+def test_double_loop_step_runs_phi_once_per_batch(name):
+    # the inner steps and the lifted hypergradient share phi(x, inner) and phi(x, outer)
+    x, y, ib, ob, _ = make()
+    algo = tb.double_loop(declared(), ESTIMATORS[name](), lr_x=0.2, inner_steps=5, lr_y=0.3)
+    s = algo.step(algo.init(x, y), ib, ob)
+    calls["phi"] = 0
+    algo.step(s, ib, ob)
+    assert calls["phi"] == 2

@@ -15,6 +15,7 @@ from .. import guards as G
 from .. import randomness as R
 from .. import tree as T
 from ..estimators.base import unroll
+from ..features import shared_features
 from ..estimators import AID, ESTIMATOR_NAMES, is_estimator
 from ..hypergrad import hypergrad
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
@@ -101,7 +102,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         k = state.step
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y
-        with G.tracing(check_finite) as trace:
+        with G.tracing(check_finite) as trace, shared_features(problem, estimator, x, inner_batch, outer_batch):
             with B.updating():         # running statistics move once per inner step, as in training
                 # warm-started inner steps; data parallel: one all-reduce per step; declared
                 # features: phi once per distinct batch, then head-only steps
