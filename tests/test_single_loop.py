@@ -316,3 +316,51 @@ def test_triton_backend_trajectory_equals_torch_backend(ctor):
     # FD products amplify such differences in v by ~1/δ over the steps
     for a, b in ((runs[0].xf, runs[1].xf), (runs[0].yf, runs[1].yf), (runs[0].vf, runs[1].vf)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fdehbo_inner_gradient_from_the_pair_when_one_batch_serves_both():
+    # with ζ_t = ψ_t (one batch object), FdeHBO takes ∇y g from the ± pair's gradients,
+    # (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²): one evaluation of g per point instead of
+    # two, and in float64 the same trajectory as separate ∇y g evaluations (distinct batch
+    # objects holding the same tensors) to ~1e-10
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(0)
+    X, t = torch.randn(40, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    calls = [0]
+
+    def g(x, y, b):
+        calls[0] += 1
+        z = torch.tanh(b[0] @ x["A"])
+        return F.cross_entropy(z @ y["W"], b[1]) + 0.05 * (y["W"] ** 2).sum()
+
+    def f(x, y, b):
+        return F.cross_entropy(torch.tanh(b[0] @ x["A"]) @ y["W"], b[1])
+
+    x0 = {"A": torch.randn(5, 4, dtype=torch.float64, generator=gen)}
+    y0 = {"W": 0.1 * torch.randn(4, 3, dtype=torch.float64, generator=gen)}
+    prob = tb.Bilevel(outer=f, inner=g)
+    kw = dict(lr_x=0.1, lr_y=0.5, lr_v=0.5, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=100.0)
+
+    def run(same_object):
+        algo = tb.fdehbo(prob, **kw)
+        s = algo.init(x0, y0)
+        batches = (lambda: (X, t)) if not same_object else None
+        b = (X, t)
+        for _ in range(6):
+            if same_object:
+                s = algo.step(s, b, b)
+            else:
+                s = algo.step(s, iter([batches(), batches(), batches()]), b)
+        return s
+
+    calls[0] = 0
+    shared = run(True)
+    n_shared = calls[0]
+    calls[0] = 0
+    separate = run(False)
+    n_separate = calls[0]
+    for k in x0:
+        torch.testing.assert_close(shared.x[k], separate.x[k], rtol=1e-9, atol=1e-10)
+    for k in y0:
+        torch.testing.assert_close(shared.y[k], separate.y[k], rtol=1e-9, atol=1e-10)
+    assert n_shared < n_separate

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["frozen", "updating", "is_frozen", "transaction", "journal"]
+__all__ = ["frozen", "updating", "is_frozen", "transaction", "journal", "note_train_buffers", "train_buffer_calls"]
 
 # A process-wide flag in a list, not a ContextVar: torch.compile traces reads and writes of
 # a module-level list (the compiled hypergradient and single-loop step keep one graph),
 # while dynamo refuses ContextVar.set.
 _FROZEN = [False]
+# how many train-mode evaluations of modules with buffers tb.nn.call has made
+_TRAIN_BUFFER_CALLS = [0]
 # inside transaction(): id(buffer) -> (buffer, copy before the first update), else None
 _JOURNAL = [None]
 
@@ -93,3 +95,15 @@ def journal(tensors) -> None:
     for t in tensors:
         if id(t) not in book:
             book[id(t)] = (t, t.detach().clone())
+
+
+def note_train_buffers() -> None:
+    """Count one train-mode evaluation of a module that has buffers (tb.nn.call)."""
+    _TRAIN_BUFFER_CALLS[0] += 1
+
+
+def train_buffer_calls() -> int:
+    """How many train-mode evaluations of modules with buffers tb.nn.call has made: an
+    algorithm compares it across its first step to learn whether its objective has running
+    statistics to maintain."""
+    return _TRAIN_BUFFER_CALLS[0]

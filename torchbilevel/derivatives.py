@@ -181,9 +181,11 @@ class FDProducts(NamedTuple):
     mixed: T.Tree      # ≈ ∇xy g·v, eq. (11)
     delta: Tensor
     batched: Optional[bool] = None   # the pair mode that ran (True: one vmap; False: two evaluations)
+    grad_y: Optional[T.Tree] = None  # with_grad_y: (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²)
 
 
-def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, wrt=(0, 1)) -> FDProducts:
+def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, wrt=(0, 1),
+                with_grad_y: bool = False) -> FDProducts:
     """Finite-difference ∇yy g·v and ∇xy g·v from the same two evaluations of g.
 
     H̃ = (∇y g(x, y+δv) − ∇y g(x, y−δv)) / 2δ   (FdeHBO paper eq. (9))
@@ -208,6 +210,11 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
             evaluation (torchbilevel.randomness).  ``result.batched`` says which ran.
         wrt: which products to return: (0, 1) both, (1,) only H̃, (0,) only J̃ (the
             other field is None).
+        with_grad_y: also return ``grad_y`` = (∇y g(y+δv) + ∇y g(y−δv))/2, the gradient at y
+            up to O(δ²‖v‖²) (exact for g quadratic in y), from the same two evaluations
+            and a second backward through the y-dependent part only: no separate forward
+            of g at y (FdeHBO uses it when its y update and its products share a sample).
+            Outside torch.func transforms only (None inside them).
 
     FD products are accurate when g is smooth along the segment y ± δv (a linear or
     softmax head, ridge/logistic losses).  Across ReLU kinks or max-pooling switches the
@@ -216,10 +223,10 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
     if isinstance(y, Tensor):        # flat buffers: wrap in one-entry dicts and unwrap at the end
         tx = isinstance(x, Tensor)
         g_d = lambda xx, yy, b: g(xx["_"] if tx else xx, yy["_"], b)
-        r = fd_products(g_d, {"_": x} if tx else x, {"_": y}, {"_": v}, batch, delta, batched, wrt)
+        r = fd_products(g_d, {"_": x} if tx else x, {"_": y}, {"_": v}, batch, delta, batched, wrt, with_grad_y)
         unx = (lambda t: t["_"]) if tx else (lambda t: t)
         return FDProducts(None if r.hvp is None else r.hvp["_"], None if r.mixed is None else unx(r.mixed),
-                          r.delta, r.batched)
+                          r.delta, r.batched, None if r.grad_y is None else r.grad_y["_"])
     d = fd_delta(y, v) if delta is None else delta
     any_y = next(iter(y.values()))
     dt = any_y.dtype
@@ -231,23 +238,31 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         # y ± δv formed in float32 at least (float64 for float64 y), stored in y's dtype
         return {k: (yy[k].to(work) + (s * d_t) * v[k].to(work)).to(dt) for k in yy}
 
-    def D_batched(xx, yy, b):
+    def values_batched(xx, yy, b):
         # one vmap over the sign; randomness="same": both points see one dropout mask
         signs = torch.tensor([1.0, -1.0], dtype=work, device=any_y.device)
         vals = vmap(lambda s: g(xx, shifted(yy, s), b), randomness=R.VMAP_RANDOMNESS)(signs)
-        return (vals[0].to(work) - vals[1].to(work)) * scale
+        return vals[0].to(work), vals[1].to(work)
 
-    def D_pair(xx, yy, b):
+    def values_pair(xx, yy, b):
         # two evaluations replaying one random stream (common random numbers)
         state = R.capture(yy)
         plus, minus = R.replaying(state, [lambda: g(xx, shifted(yy, 1.0), b),
                                           lambda: g(xx, shifted(yy, -1.0), b)])
-        return (plus.to(work) - minus.to(work)) * scale
+        return plus.to(work), minus.to(work)
+
+    mean_too = with_grad_y and not use_func_mechanism()
 
     def run(batched_):
+        values = values_batched if batched_ else values_pair
+        if mean_too and not batched_:
+            return _pair_and_mean(g, x, y, lambda s: shifted(y, s), batch, tuple(wrt), scale, work)
+        if mean_too:
+            return _difference_and_mean(values, x, y, batch, tuple(wrt), scale)
         # "auto": autograd around the vmapped forward outside transforms (measured 0-10%
         # faster than torch.func.grad on LeNet, 15-30% with a large y, bench/large_y.py)
-        return gradient(D_batched if batched_ else D_pair, x, y, batch, argnums=tuple(wrt), mode="auto")
+        D = lambda xx, yy, b: (lambda pm: (pm[0] - pm[1]) * scale)(values(xx, yy, b))
+        return gradient(D, x, y, batch, argnums=tuple(wrt), mode="auto") + (None,)
 
     ran = batched
     if batched is None:
@@ -258,17 +273,67 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         # first attempt would have
         state = R.capture(y)
         try:
-            _, grads_ = run(True)
+            _, grads_, mean = run(True)
         except (RuntimeError, NotImplementedError) as err:
             if not vmap_unsupported(err):
                 raise
             R.restore(state)
             ran = False
-            _, grads_ = run(False)
+            _, grads_, mean = run(False)
     else:
-        _, grads_ = run(bool(batched))
+        _, grads_, mean = run(bool(batched))
     out = dict(zip(wrt, grads_))
-    return FDProducts(out.get(1), out.get(0), d_t, bool(ran))
+    return FDProducts(out.get(1), out.get(0), d_t, bool(ran), mean)
+
+
+def _pair_and_mean(g, x, y, shifted, batch, wrt, scale, work):
+    """Two evaluations on separate leaves — (x₊, y+δv) and (x₋, y−δv), one random stream —
+    and ONE backward of g₊ + g₋: each point's own gradients, from which the differences
+    (the products) and the mean of the y-gradients.  Each branch is traversed once, as in
+    the backward of D alone."""
+    legs = []
+    for s in (1.0, -1.0):
+        xs = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
+        ys = {k: t.detach().requires_grad_(True) for k, t in shifted(s).items()}
+        legs.append((xs, ys))
+    inputs = [t for xs, ys in legs for t in ((list(xs.values()) if 0 in wrt else []) + list(ys.values()))]
+    state = R.capture(y)
+    with torch.enable_grad():
+        plus, minus = R.replaying(state, [lambda: g(legs[0][0], legs[0][1], batch),
+                                          lambda: g(legs[1][0], legs[1][1], batch)])
+        grads = torch.autograd.grad(plus.to(work) + minus.to(work), inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if gi is None else gi.detach() for gi, t in zip(grads, inputs)]
+    half = len(grads) // 2
+    nx = len(x) if 0 in wrt else 0
+    plus_g, minus_g = grads[:half], grads[half:]
+    diff = [((a.to(work) - b.to(work)) * scale).to(a.dtype) for a, b in zip(plus_g, minus_g)]
+    out = {0: dict(zip(x, diff[:nx])), 1: dict(zip(y, diff[nx:]))}
+    mean = {k: ((a.to(work) + b.to(work)) * 0.5).to(a.dtype) for k, a, b in zip(y, plus_g[nx:], minus_g[nx:])}
+    D = (plus.detach().to(work) - minus.detach().to(work)) * scale
+    return D, tuple(out[i] for i in wrt), mean
+
+
+def _difference_and_mean(values, x, y, batch, wrt, scale):
+    """(D, grads of D = (g₊ − g₋)·scale w.r.t. ``wrt``, ∇y of M = (g₊ + g₋)/2) from one
+    evaluation of the pair: two backward passes through one graph, the second restricted
+    to y (the x-only part of g — a network body — is not traversed again)."""
+    xr = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
+    yr = {k: t.detach().requires_grad_(True) for k, t in y.items()}
+    groups = [(i, list((xr, yr)[i].values())) for i in wrt]
+    flat = [t for _, ts in groups for t in ts]
+    with torch.enable_grad():
+        plus, minus = values(xr, yr, batch)
+        D = (plus - minus) * scale
+        gD = torch.autograd.grad(D, flat, retain_graph=True, allow_unused=True)
+        gM = torch.autograd.grad((plus + minus) * 0.5, list(yr.values()), allow_unused=True)
+    zero = lambda gi, t: torch.zeros_like(t) if gi is None else gi.detach()
+    out, pos = [], 0
+    for i, ts in groups:
+        keys = list((xr, yr)[i])
+        out.append({k: zero(gi, t) for k, gi, t in zip(keys, gD[pos:pos + len(ts)], ts)})
+        pos += len(ts)
+    mean = {k: zero(gi, t).to(t.dtype) for (k, t), gi in zip(yr.items(), gM)}
+    return D.detach(), tuple(out), mean
 
 
 #: vmap the ± pair when its forward costs less than this many plain forwards of g.  CPU,

@@ -79,6 +79,8 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     _note_cudnn_rnns(module)
     if not module.training:
         return functional_call(module, params, args, kwargs)
+    if _buffer_names(module):
+        B.note_train_buffers()
     if not B.is_frozen():
         # running statistics about to move: journal them so a failed step can put them back
         B.journal(t for n, t in params.items() if n in _buffer_names(module))

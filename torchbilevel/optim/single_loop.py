@@ -32,7 +32,7 @@ from .. import tree as T
 from ..derivatives import (choose_pair_batched, exact_products, fd_delta_from_norms, fd_products, gradient,
                            second_order)
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
-                       in_functorch_transform)
+                       in_functorch_transform, use_func_mechanism)
 from .algorithm import Algorithm
 from .schedule import value_at
 
@@ -129,6 +129,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
         warned[0] = False
         pair_mode[0] = batched
+        gy_from_pair[0] = None
         xf, lx = T.ravel(x)
         yf, ly = T.ravel(y)
         if v is None:
@@ -167,12 +168,20 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         if not first:
             points.append((s.x_prev, s.y_prev, s.v_prev, s.delta_prev))
 
+        # FdeHBO with ζ_t = ψ_t (one batch for both): ∇y g(·; ζ) from the ± pair's gradients,
+        # (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²) (float32 error measured at the level
+        # of the gradient's own rounding, bench/RESULTS.md §7): no separate forward of g.  Only
+        # for objectives without running statistics (decided at the first step), since that
+        # evaluation is the one that updates them.
+        pair_gy = (fd and zeta is psi_g and gy_from_pair[0] is True and not use_func_mechanism())
+
         def at(point, current: bool):
             xf, yf, vf, dl = point
             # running statistics move once per step, from the y update's evaluation at the
             # current iterate; every other evaluation of the step leaves buffers as they are
-            with (B.updating() if current else contextlib.nullcontext()):
-                gy = gradient(g, xf, yf, zeta, argnums=1)[1][0]                    # ∇y g(·; ζ)
+            if not pair_gy:
+                with (B.updating() if current else contextlib.nullcontext()):
+                    gy = gradient(g, xf, yf, zeta, argnums=1)[1][0]                # ∇y g(·; ζ)
             _, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                           # ∇f(·; ψ)
             if xi_f is not psi_f:
                 fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]                  # ∇x f(·; ξ̄)
@@ -183,7 +192,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                     # the pair mode, once per run: vmap when it saves forward FLOPs
                     pair_mode[0] = choose_pair_batched(g, xf, yf, vf, psi_g, dl)
                 pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=pair_mode[0],
-                                 wrt=(0, 1) if both else (1,))
+                                 wrt=(0, 1) if both else (1,), with_grad_y=pair_gy)
+                if pair_gy:
+                    gy = pr.grad_y
                 if pr.batched is False:
                     pair_mode[0] = False       # a vmap fallback is remembered for the run
                 hv_i = pr.hvp
@@ -222,6 +233,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         return "the update (step sizes too large: the iterates overflowed)"
 
     pair_mode = [batched]     # FdeHBO's ± pair: None = decide at the first step (FLOP rule)
+    gy_from_pair = [None]     # FdeHBO: ∇y g from the pair when ζ = ψ (decided at the first step)
     warned = [False]          # the radius warning is given once per run
 
     def warn_radius(recent, w_sq, t):
@@ -252,7 +264,10 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         t = s.step
         first = t == 0
         d_cur = fd_step(s.yf, s.vf) if fd else 1.0
+        buffer_calls = B.train_buffer_calls()
         ev = evaluate(s, first, d_cur, inner_batch, outer_batch)
+        if gy_from_pair[0] is None and not use_func_mechanism():
+            gy_from_pair[0] = B.train_buffer_calls() == buffer_calls     # no running statistics seen
         if problem.reduce is not None:
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
