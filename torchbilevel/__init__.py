@@ -4,16 +4,19 @@
 
 See README.md for the methods, their papers and costs.
 """
-from . import derivatives, distributed, guards, nn, tree
-from .estimators import HypergradAux, aid, itd, pzobo, stocbio
+from . import buffers, derivatives, distributed, guards, nn, randomness, tree
+from .estimators import HypergradAux, aid, first_order, itd, pzobo, stocbio
 from .hypergrad import hypergrad
 from .optim import Algorithm, DoubleLoopState, SingleLoopState, double_loop, fdehbo, fmbo
 from .optim import schedule as schedules
+from .optim import BOMEState, F2SAState, MRBOState, bome, f2sa, ma_soba, mrbo, soba
 from .problem import Bilevel
 from .solvers import cg, fixed_point
 
 __version__ = "0.1.0"
 
-__all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "hypergrad",
+__all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "first_order", "hypergrad",
+           "buffers", "randomness",
            "HypergradAux", "tree", "derivatives", "distributed", "guards", "nn", "double_loop", "DoubleLoopState",
-           "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState"]
+           "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState",
+           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState"]

@@ -51,6 +51,7 @@ EXPERIMENT_LINES = {
     "shallow_hr": "shallow hyper-representation on synthetic data, with exact hypergradients to compare against",
     "deep_hr": "deep hyper-representation: LeNet body (outer) and linear head (inner) on MNIST-5k",
     "weight_decay": "per-feature weight decay of logistic regression on scikit-learn digits or breast_cancer",
+    "compare": "every stochastic method on a finite-sum quadratic, tuned on one step-size grid, at equal gradient evaluations and equal time",
 }
 
 

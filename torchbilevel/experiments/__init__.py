@@ -9,12 +9,13 @@ and the experiment's metrics.
 * ``shallow_hr``: shallow hyper-representation, synthetic (Hessian-free paper §4.1)
 * ``deep_hr``: deep hyper-representation, LeNet on MNIST-5k (FdeHBO §4.1, Hessian-free §4.2)
 * ``weight_decay``: per-feature weight decay, logistic regression (stocBiO paper app. A.2)
+* ``compare``: every stochastic method on a finite-sum quadratic, equal gradient evaluations and equal time
 
 ``python -m torchbilevel demo`` / ``python -m torchbilevel run NAME`` run them.
 """
-from . import deep_hr, hyperclean, shallow_hr, weight_decay
+from . import compare, deep_hr, hyperclean, shallow_hr, weight_decay
 
-__all__ = ["EXPERIMENTS", "deep_hr", "hyperclean", "shallow_hr", "weight_decay"]
+__all__ = ["EXPERIMENTS", "compare", "deep_hr", "hyperclean", "shallow_hr", "weight_decay"]
 
 # name -> (module, config class); every module has run(config, progress=None)
 EXPERIMENTS = {
@@ -22,4 +23,5 @@ EXPERIMENTS = {
     "shallow_hr": (shallow_hr, shallow_hr.ShallowHRConfig),
     "deep_hr": (deep_hr, deep_hr.DeepHRConfig),
     "weight_decay": (weight_decay, weight_decay.WeightDecayConfig),
+    "compare": (compare, compare.CompareConfig),
 }

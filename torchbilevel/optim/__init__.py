@@ -1,8 +1,14 @@
 """Bilevel algorithms: pure init/step functions over explicit NamedTuple state."""
 from .algorithm import Algorithm
+from .bome import BOMEState, bome
 from .double_loop import DoubleLoopState, double_loop
+from .f2sa import F2SAState, f2sa
 from .fdehbo import fdehbo, fmbo
+from .ma_soba import ma_soba
+from .mrbo import MRBOState, mrbo
 from .outer import OuterState
 from .single_loop import SingleLoopState
+from .soba import soba
 
-__all__ = ["Algorithm", "DoubleLoopState", "OuterState", "double_loop", "fdehbo", "fmbo", "SingleLoopState"]
+__all__ = ["Algorithm", "DoubleLoopState", "OuterState", "double_loop", "fdehbo", "fmbo", "SingleLoopState",
+           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState"]

@@ -1,0 +1,93 @@
+"""Plumbing shared by the flat-buffer methods that do not run on the FdeHBO/FMBO engine
+(MRBO, F2SA, BOME): state in flat contiguous buffers, the guarded step, checkpoints.
+
+Each method keeps its iterates raveled once (``tree.ravel``) and unravels views only at
+the objectives' boundary; its state is a NamedTuple of flat tensors, the step count and
+the dict layouts ``layout_x``, ``layout_y``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import buffers as B
+from .. import guards as G
+from .. import randomness as R
+from .. import tree as T
+from ..problem import check_params, in_functorch_transform
+from .single_loop import _flat as flat_fn  # (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)
+
+__all__ = ["flat_fn", "view", "init_flat", "guarded", "check_step", "checkpoint", "work_dtype"]
+
+
+def view(field: str, layout: str, doc: str = "") -> property:
+    """A property giving the flat buffer ``field`` as a dict shaped by ``layout``."""
+    return property(lambda s: getattr(s, layout).unravel(getattr(s, field)), doc=doc)
+
+
+def init_flat(name: str, x, y, check_finite: bool):
+    """Validate x, y and ravel them into fresh flat buffers: (xf, yf, layout_x, layout_y)."""
+    check_params(x, y)
+    if check_finite and not in_functorch_transform():
+        bad = G.check_inputs(x=x, y=y)
+        if bad is not None:
+            raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
+    xf, lx = T.ravel(x)     # ravel copies: the state never aliases the caller's tensors
+    yf, ly = T.ravel(y)
+    return xf, yf, lx, ly
+
+
+def guarded(cls, body):
+    """``step(s, inner_batch, outer_batch)`` running ``body`` with module buffers frozen
+    (the body opens ``torchbilevel.buffers.updating()`` around its one inner-gradient
+    evaluation) and the random stream rewound if it raises."""
+    def step(s, inner_batch, outer_batch):
+        if not isinstance(s, cls):
+            raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        with R.restored_on_error(s.xf), B.frozen():
+            return body(s, inner_batch, outer_batch)
+    return step
+
+
+def check_step(name: str, t: int, new_buffers, trace: Optional[G.StageTrace], fallback: str, **state) -> None:
+    """One fused reduction and one host read: raise FloatingPointError naming where NaN/inf
+    arose (a non-finite field of the state passed in, else the first non-finite recorded
+    stage, else ``fallback``) unless every buffer of ``new_buffers`` is finite."""
+    if in_functorch_transform():
+        return
+    probe = torch.stack([b.float().sum() for b in new_buffers]).sum()
+    if not bool(torch.isfinite(probe)):
+        where = G.locate(trace, fallback, **{f"state.{k}": v for k, v in state.items()})
+        raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; the state passed in is unchanged")
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 storage, float32 otherwise (reductions of half-precision buffers)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def checkpoint(cls, name: str):
+    """(state_dict, load_state_dict) for a flat NamedTuple state ``cls``: plain dicts,
+    tensors and numbers (``torch.load(weights_only=True)`` reads them back)."""
+    layouts = tuple(k for k in cls._fields if k.startswith("layout"))
+
+    def state_dict(s) -> dict:
+        if not isinstance(s, cls):
+            raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        d = {k: getattr(s, k) for k in cls._fields if k not in layouts}
+        for k in layouts:
+            lay = getattr(s, k)
+            d[k] = {"keys": list(lay.keys), "shapes": [list(sh) for sh in lay.shapes],
+                    "offsets": list(lay.offsets), "numel": lay.numel}
+        d["algorithm"] = name
+        return d
+
+    def load_state_dict(d: dict):
+        if not isinstance(d, dict) or d.get("algorithm") != name:
+            raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
+        lay = {k: T.Raveled(tuple(d[k]["keys"]), tuple(torch.Size(sh) for sh in d[k]["shapes"]),
+                            tuple(d[k]["offsets"]), d[k]["numel"]) for k in layouts}
+        return cls(**{k: d[k] for k in cls._fields if k not in layouts}, **lay)
+
+    return state_dict, load_state_dict

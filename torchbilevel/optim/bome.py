@@ -1,0 +1,139 @@
+"""BOME (Liu, Ye, Wright, Stone, Liu, "BOME! Bilevel optimization made easy: a simple
+first-order approach", NeurIPS 2022): fully first order.  The bilevel problem becomes
+min f(x, y) s.t. q(x, y) = g(x, y) − g*(x) ≤ 0, with g*(x) approximated by T gradient
+steps on g from the current y, and x, y move together along a dynamic-barrier direction:
+
+    θ_0 = y_t,  θ_{k+1} = θ_k − γ ∇y g(x_t, θ_k; ζ_k)      (k < T; θ_T(x_t) treated as constant)
+    q̂(x, y) = g(x, y) − g(x, θ_T)
+    ∇q̂ = (∇x g(x_t, y_t; ζ) − ∇x g(x_t, θ_T; ζ),  ∇y g(x_t, y_t; ζ))
+    φ_t = η ‖∇q̂‖²                       (the default rule; phi_rule="value": φ_t = η q̂(x_t, y_t))
+    λ_t = max(φ_t − ⟨∇f, ∇q̂⟩, 0) / ‖∇q̂‖²
+    (x_{t+1}, y_{t+1}) = (x_t, y_t) − (α, β)·(∇f(x_t, y_t; ψ) + λ_t ∇q̂)
+
+λ_t is the smallest multiplier for which the step decreases q̂ at least at rate φ_t
+(⟨∇f + λ∇q̂, ∇q̂⟩ ≥ φ_t): the direction is ∇f with its component against ∇q̂ removed,
+plus η∇q̂.  The paper uses one step size for (x, y); here x and y have their own
+(``lr_x``, ``lr_y``; ``lr_x = lr_y`` is the paper's), and the inner path's γ is
+``lr_inner`` (default ``lr_y``).  benchmark_bilevel's BOME (full batch) uses η = 0.5,
+T = 10 and the gradient-norm rule: these are the defaults.
+
+Samples: the inner path draws one inner sample per step (when ``inner_batch`` is an
+iterator); then ζ (inner) and ψ (outer) serve every gradient of the update, and the two
+evaluations of ∇x g at (x, y) and (x, θ_T) replay one random stream (dropout masks), so
+that ∇x q̂ is a difference on one sample.
+
+Cost per step: T y-gradients of g (the path), two full gradients of g and one of f —
+T + 3 gradient evaluations, no second-order products; data parallel: one all-reduce per
+path step plus one for the update.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import buffers as B
+from .. import guards as G
+from .. import randomness as R
+from .. import tree as T
+from ..derivatives import gradient
+from ..problem import check_positive, check_problem, check_steps, check_unit, draw
+from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view, work_dtype
+from .algorithm import Algorithm
+from .schedule import value_at
+
+_PATH = "the inner path θ_T (gradient steps on ∇y g)"
+_G = "the constraint gradient ∇q̂ (∇g at (x, y) and (x, θ_T))"
+_F = "the outer gradient ∇f"
+
+
+class BOMEState(NamedTuple):
+    """State of BOME in flat buffers: ``xf, yf``; ``step`` t; the dict layouts; ``lam``,
+    the multiplier λ of the last step (a 0-d tensor, for monitoring).
+    ``state.x``, ``state.y`` are dicts."""
+    xf: Tensor
+    yf: Tensor
+    step: int
+    layout_x: T.Raveled
+    layout_y: T.Raveled
+    lam: Tensor
+
+    x = view("xf", "layout_x", "x as a dict (views of the flat buffer)")
+    y = view("yf", "layout_y", "y as a dict (views of the flat buffer)")
+
+
+def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str = "grad_norm",
+         lr_inner=None, check_finite: bool = True) -> Algorithm:
+    """BOME (Liu et al., NeurIPS 2022): first-order dynamic-barrier method on the
+    value-function constraint g(x, y) − g(x, θ_T(x)) ≤ 0.
+
+    Args:
+        problem: a :class:`torchbilevel.Bilevel`.
+        lr_x, lr_y: step sizes of x and y (numbers > 0 or callables of t).
+        inner_steps: T ≥ 1, gradient steps of the inner path θ (default 10).
+        phi: η ∈ [0, 1] in φ = η‖∇q̂‖² (or φ = η q̂); a number or callable of t (default 0.5).
+        phi_rule: ``"grad_norm"`` (φ = η‖∇q̂‖², default) or ``"value"`` (φ = η q̂).
+        lr_inner: step γ of the inner path (default: ``lr_y``).
+        check_finite: raise FloatingPointError naming the stage (state untouched) when a
+            step produces NaN/inf; one host read per step.
+
+    Returns an :class:`torchbilevel.Algorithm`; ``state.x``, ``state.y`` are dicts and
+    ``state.lam`` the last multiplier.
+    """
+    check_problem(problem)
+    lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
+    lr_y = check_positive(lr_y, "lr_y", allow_schedule=True)
+    inner_steps = check_steps(inner_steps, "inner_steps")
+    phi = check_unit(phi, "phi", allow_schedule=True)
+    if phi_rule not in ("grad_norm", "value"):
+        raise ValueError(f"phi_rule must be 'grad_norm' or 'value', got {phi_rule!r}")
+    lr_inner = lr_y if lr_inner is None else check_positive(lr_inner, "lr_inner", allow_schedule=True)
+    name = "bome"
+
+    def init(x, y) -> BOMEState:
+        """Initial state from dicts x, y (copied)."""
+        xf, yf, lx, ly = init_flat(name, x, y, check_finite)
+        return BOMEState(xf, yf, 0, lx, ly, torch.zeros((), dtype=work_dtype(yf), device=yf.device))
+
+    def body(s: BOMEState, inner_batch, outer_batch) -> BOMEState:
+        t = s.step
+        lx, ly = s.layout_x, s.layout_y
+        g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
+        gamma = value_at(lr_inner, t, "lr_inner")
+        with G.tracing(check_finite) as trace:
+            theta = s.yf
+            for _ in range(inner_steps):                       # θ_T: no graph, buffers frozen
+                (gy,) = gradient(g, s.xf, theta, draw(inner_batch), argnums=1)[1]
+                (gy,) = problem.average(gy)
+                theta = torch.add(theta, gy, alpha=-gamma)
+            G.record(_PATH, theta)
+            zeta, psi = draw(inner_batch), draw(outer_batch)
+
+            def at_y():
+                with B.updating():        # running statistics move once per step, here
+                    return gradient(g, s.xf, s.yf, zeta)
+
+            (gv, (gx, gy)), (gv_th, (gx_th,)) = R.replaying(
+                R.capture(s.xf), [at_y, lambda: gradient(g, s.xf, theta, zeta, argnums=0)])
+            G.record(_G, gx, gy, gx_th)
+            fv, (fx, fy) = gradient(f, s.xf, s.yf, psi)
+            G.record(_F, fx, fy)
+        gx, gy, gx_th, fx, fy, gv, gv_th = problem.average(gx, gy, gx_th, fx, fy, gv, gv_th)  # one all-reduce
+        work = work_dtype(s.yf)
+        qx, qy = (gx - gx_th).to(work), gy.to(work)
+        n2 = torch.dot(qx, qx) + torch.dot(qy, qy)                       # ‖∇q̂‖²
+        dot = torch.dot(fx.to(work), qx) + torch.dot(fy.to(work), qy)    # ⟨∇f, ∇q̂⟩
+        eta = value_at(phi, t, "phi", unit=True)
+        phi_t = eta * (n2 if phi_rule == "grad_norm" else (gv - gv_th).to(work))
+        lam = torch.where(n2 > 0, torch.clamp(phi_t - dot, min=0.0) / torch.where(n2 > 0, n2, 1.0),
+                          torch.zeros_like(n2))
+        x_new = torch.add(s.xf, (fx.to(work) + lam * qx).to(s.xf.dtype), alpha=-value_at(lr_x, t, "lr_x"))
+        y_new = torch.add(s.yf, (fy.to(work) + lam * qy).to(s.yf.dtype), alpha=-value_at(lr_y, t, "lr_y"))
+        if check_finite:
+            check_step(name, t, (x_new, y_new, lam), trace,
+                       "the update (step sizes too large: the iterates overflowed)", xf=s.xf, yf=s.yf)
+        return BOMEState(x_new, y_new, t + 1, lx, ly, lam)
+
+    state_dict, load_state_dict = checkpoint(BOMEState, name)
+    return Algorithm(init, guarded(BOMEState, body), state_dict, load_state_dict, name)
