@@ -309,9 +309,6 @@ ESTIMATORS = {
     "first_order": lambda: tb.first_order(),
 }
 
-_SINGLE_LOOP_NO_CHECK = pytest.mark.xfail(strict=True, reason=(
-    "library bug: mrbo, f2sa and bome do not call Bilevel.check_inner_uses_y yet"))
-
 ALGORITHMS = {
     "double_loop_aid": lambda p: tb.double_loop(p, tb.aid(tb.cg(steps=3))),
     "double_loop_itd": lambda p: tb.double_loop(p, tb.itd(3, 0.1)),
@@ -356,8 +353,7 @@ def test_every_estimator_rejects_an_inner_objective_that_ignores_y(est):
         tb.hypergrad(prob, ESTIMATORS[est]())(x, y, BATCH, BATCH)
 
 
-@pytest.mark.parametrize("algo", [pytest.param(a, marks=_SINGLE_LOOP_NO_CHECK) if a in ("mrbo", "f2sa", "bome")
-                                  else a for a in ALGORITHMS])
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_every_algorithm_rejects_an_inner_objective_that_ignores_y(algo):
     prob, x, y = ignores_y_problem()
     alg = ALGORITHMS[algo](prob)
@@ -447,8 +443,7 @@ _UNNAMED_DRAW = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.mark.parametrize("which", ["inner_batch", "outer_batch"])
-@pytest.mark.parametrize("algo", [pytest.param(a, marks=_UNNAMED_DRAW) if a in ("mrbo", "f2sa", "bome") else a
-                                  for a in ALGORITHMS])
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_exhausted_iterator_is_named_by_every_algorithm(algo, which):
     prob, x, y, _, _ = quadratic({"a": (4,)})
     alg = ALGORITHMS[algo](prob)

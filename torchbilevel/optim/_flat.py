@@ -38,14 +38,16 @@ def init_flat(name: str, x, y, check_finite: bool):
     return xf, yf, lx, ly
 
 
-def guarded(cls, body):
+def guarded(cls, body, problem):
     """``step(s, inner_batch, outer_batch)`` running ``body`` with module buffers frozen
     (the body opens ``torchbilevel.buffers.updating()`` around its one inner-gradient
-    evaluation) and the random stream rewound if it raises."""
+    evaluation), after the check that g depends on y; if it raises, the random stream is
+    rewound and the running statistics it moved are put back."""
     def step(s, inner_batch, outer_batch):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
-        with R.restored_on_error(s.xf), B.frozen():
+        with R.restored_on_error(s.xf), B.transaction(), B.frozen():
+            inner_batch = problem.check_inner_uses_y(s.x, s.y, inner_batch)
             return body(s, inner_batch, outer_batch)
     return step
 

@@ -104,11 +104,11 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         with G.tracing(check_finite) as trace:
             theta = s.yf
             for _ in range(inner_steps):                       # θ_T: no graph, buffers frozen
-                (gy,) = gradient(g, s.xf, theta, draw(inner_batch), argnums=1)[1]
+                (gy,) = gradient(g, s.xf, theta, draw(inner_batch, "inner_batch"), argnums=1)[1]
                 (gy,) = problem.average(gy)
                 theta = torch.add(theta, gy, alpha=-gamma)
             G.record(_PATH, theta)
-            zeta, psi = draw(inner_batch), draw(outer_batch)
+            zeta, psi = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
 
             def at_y():
                 with B.updating():        # running statistics move once per step, here
@@ -136,4 +136,4 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         return BOMEState(x_new, y_new, t + 1, lx, ly, lam)
 
     state_dict, load_state_dict = checkpoint(BOMEState, name)
-    return Algorithm(init, guarded(BOMEState, body), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(BOMEState, body, problem), state_dict, load_state_dict, name)

@@ -118,7 +118,7 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, penalty=10.0, penalty_growth: float = 1.0
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
-        zeta, psi = draw(inner_batch), draw(outer_batch)
+        zeta, psi = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
 
         def at_y():
             with B.updating():            # running statistics move once per step, here
@@ -142,4 +142,4 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, penalty=10.0, penalty_growth: float = 1.0
         return F2SAState(x_new, y_new, z_new, t + 1, lx, ly)
 
     state_dict, load_state_dict = checkpoint(F2SAState, name)
-    return Algorithm(init, guarded(F2SAState, body), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(F2SAState, body, problem), state_dict, load_state_dict, name)

@@ -111,10 +111,10 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
         lx, ly = s.layout_x, s.layout_y
         g = flat_fn(problem.inner, lx, ly)
         est = stocbio(neumann_steps, value_at(eta, t, "eta"))
-        zeta = draw(inner_batch)
-        d_f = draw(outer_batch)
+        zeta = draw(inner_batch, "inner_batch")
+        d_f = draw(outer_batch, "outer_batch")
         fresh = isinstance(inner_batch, collections.abc.Iterator)
-        samples = [draw(inner_batch) for _ in range(neumann_steps + 1)] if fresh else None   # B_1..B_Q, D_G
+        samples = [draw(inner_batch, "inner_batch") for _ in range(neumann_steps + 1)] if fresh else None   # B_1..B_Q, D_G
         points = [(s.xf, s.yf)] + ([] if first else [(s.x_prev, s.y_prev)])
 
         def at(xf, yf, current):
@@ -147,4 +147,4 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
         return MRBOState(x_new, y_new, h_x, h_y, s.xf, s.yf, t + 1, lx, ly)
 
     state_dict, load_state_dict = checkpoint(MRBOState, name)
-    return Algorithm(init, guarded(MRBOState, body), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(MRBOState, body, problem), state_dict, load_state_dict, name)
