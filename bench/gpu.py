@@ -577,10 +577,10 @@ def targets(data) -> dict:
             if r["method"].startswith(prefix):
                 return r["units"]
         return None
-    fd = units("lenet_hr", "FdeHBO step (batched")
+    fd = units("lenet_hr", "FdeHBO step (default")
     if fd is not None:
         t["fdehbo_step_units_lenet_hr"] = {"units": fd, "target": 4.0, "met": fd <= 4.0}
-    fdl, fml = units("mlp_large_y", "FdeHBO step (batched"), units("mlp_large_y", "FMBO step")
+    fdl, fml = units("mlp_large_y", "FdeHBO step (default"), units("mlp_large_y", "FMBO step")
     if fdl is not None and fml is not None:
         t["fdehbo_over_fmbo_large_y"] = {"ratio": fdl / fml, "target": 1.0, "met": fdl <= fml}
     return t

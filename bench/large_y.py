@@ -300,10 +300,12 @@ def measure_cpu(fns: dict, repeats: int, warmup: int = 2, clock=time.process_tim
 
 
 def step_fns(problem, x, y, ib, ob, prefix=""):
-    """FdeHBO (batched / not) and FMBO steps, one step in (t >= 1)."""
+    """FdeHBO (the library default — pair mode by the FLOP rule, ∇y g from the pair when one
+    batch serves both — and forced pair modes) and FMBO steps, one step in (t >= 1)."""
     common = dict(lr_x=0.01, lr_y=0.01, lr_v=0.01, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
     out = {}
-    for name, algo in (("FdeHBO step (batched=True, default)", tb.fdehbo(problem, batched=True, **common)),
+    for name, algo in (("FdeHBO step (library default)", tb.fdehbo(problem, **common)),
+                       ("FdeHBO step (batched=True)", tb.fdehbo(problem, batched=True, **common)),
                        ("FdeHBO step (batched=False)", tb.fdehbo(problem, batched=False, **common)),
                        ("FMBO step", tb.fmbo(problem, **common))):
         state = algo.step(algo.init(x, y), ib, ob)
@@ -311,20 +313,6 @@ def step_fns(problem, x, y, ib, ob, prefix=""):
         def run(algo=algo, box=[state]):
             box[0] = algo.step(box[0], ib, ob)
         out[prefix + name] = run
-    from torchbilevel.optim import single_loop as SL
-    if hasattr(SL, "fd_products"):
-        for label, pair in (("vmapped fwd + autograd bwd", pair_vmap_autograd_outer),
-                            ("two forwards, flat leaves", pair_autograd_flat), ("rule", rule_pair())):
-            algo = tb.fdehbo(problem, **common)
-            fdp = patched_fd_products(pair)
-
-            def run(algo=algo, fdp=fdp, box=[None]):
-                orig, SL.fd_products = SL.fd_products, fdp
-                try:
-                    box[0] = algo.step(box[0] if box[0] is not None else algo.step(algo.init(x, y), ib, ob), ib, ob)
-                finally:
-                    SL.fd_products = orig
-            out[f"{prefix}FdeHBO step, pair = {label} (proto, patched in)"] = run
     return out
 
 

@@ -47,7 +47,8 @@ def methods(problem, x, y, device):
     """name -> zero-argument callable doing one step / one hypergradient."""
     common = dict(lr_x=0.01, lr_y=0.01, lr_v=0.01, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
     out = {}
-    for name, algo in (("FdeHBO step (batched ±)", tb.fdehbo(problem, batched=True, **common)),
+    for name, algo in (("FdeHBO step (default)", tb.fdehbo(problem, **common)),
+                       ("FdeHBO step (batched ±)", tb.fdehbo(problem, batched=True, **common)),
                        ("FdeHBO step (two evaluations)", tb.fdehbo(problem, batched=False, **common)),
                        ("FMBO step", tb.fmbo(problem, **common))):
         state = algo.init(x, y)
