@@ -109,6 +109,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
     eta_x = check_unit(eta_x, "eta_x", allow_schedule=True)
     eta_y = check_unit(eta_y, "eta_y", allow_schedule=True)
     eta_v = check_unit(eta_v, "eta_v", allow_schedule=True)
+    momentum_free = all(not callable(e) and e == 1.0 for e in (eta_x, eta_y, eta_v))
     if radius is None:
         raise ValueError("radius must be a number > 0 (float('inf') disables the projection)")
     radius = float("inf") if radius == float("inf") else check_positive(radius, "radius")
@@ -165,7 +166,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         else:
             xi_g, xi_f = psi_g, psi_f
         points = [(s.xf, s.yf, s.vf, d_cur)]
-        if not first:
+        if not first and not momentum_free:
+            # (with every η the constant 1 the momentum brackets are multiplied by 0: the
+            # previous iterate is not evaluated, prev rows = cur rows, half the cost)
             points.append((s.x_prev, s.y_prev, s.v_prev, s.delta_prev))
 
         # FdeHBO with ζ_t = ψ_t (one batch for both): ∇y g(·; ζ) from the ± pair's gradients,
@@ -210,7 +213,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         # iterate replay the same dropout masks on ζ, ψ (and ξ̄), as eq. (6), (7), (10) need
         rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
         gy, fx, fy, hv, jv = (list(col) for col in zip(*rows))
-        stack = lambda rows: torch.stack(rows if not first else rows * 2)   # prev = cur at t = 0
+        stack = lambda rows: torch.stack(rows if len(rows) == 2 else rows * 2)   # prev = cur: t = 0, η = 1
         return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy))
 
     def stack_rows(ev: _Evaluations):

@@ -18,7 +18,6 @@ evaluations; no evaluation at the previous iterate (η = 1 needs none).
 """
 from __future__ import annotations
 
-from .schedule import value_at
 from .single_loop import SingleLoopState, single_loop
 
 _DOC_ARGS = """
@@ -43,42 +42,22 @@ _DOC_ARGS = """
 
 def fresh_single_loop(problem, *, lr_x, lr_y, lr_v, backend: str, independent_outer_sample: bool,
                       check_finite: bool, name: str):
-    """The FMBO engine with η = 1 and no projection, each step evaluated at the current
-    iterate only.
+    """The FMBO engine with η = 1 and no projection: with every η the constant 1 the engine
+    evaluates the current iterate only (the momentum brackets would be multiplied by 0), so
+    a step costs half an FMBO step with momentum.
 
-    The engine evaluates the previous iterate at every step t ≥ 1 because its momentum
-    bracket needs it; with η = 1 the bracket is multiplied by 0, so those evaluations are
-    wasted (half the cost).  Each step is therefore run as the engine's first step (t = 0:
-    no previous iterate, plain gradients — which η = 1 is anyway), by an engine built with
-    the step sizes of step t, and the step count is restored afterwards.  The result is
-    exactly the engine's step at t (``tests/test_family.py`` checks it bit for bit).
-    Returns (algorithm, step_at) where ``step_at(s, inner_batch, outer_batch, lr_x)`` is
-    that step with the outer step size given explicitly (MA-SOBA passes its own).
+    Returns (algorithm, step_at) where ``step_at(s, inner_batch, outer_batch, lr_x)`` is the
+    engine's step (``lr_x`` is accepted for MA-SOBA, which replaces the x update by its
+    own, and ignored: the engine's x step uses the schedule given here).
     """
     inf = float("inf")
-    common = dict(fd=False, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius=inf, delta=None, backend=backend,
-                  batched=None, independent_outer_sample=independent_outer_sample, check_finite=check_finite,
-                  name=name)
-    # validates every argument (errors name it) and gives init / state_dict / load_state_dict
-    base = single_loop(problem, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, **common)
+    algo = single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0,
+                       radius=inf, delta=None, backend=backend, batched=None,
+                       independent_outer_sample=independent_outer_sample, check_finite=check_finite, name=name)
 
     def step_at(s: SingleLoopState, inner_batch, outer_batch, alpha: float) -> SingleLoopState:
-        if not isinstance(s, SingleLoopState):
-            raise TypeError(f"state must come from init(), got {type(s).__name__}")
-        t = s.step
-        at_t = single_loop(problem, lr_x=alpha, lr_y=value_at(lr_y, t, "lr_y"), lr_v=value_at(lr_v, t, "lr_v"),
-                           **common)
-        try:
-            new = at_t.step(s._replace(step=0), inner_batch, outer_batch)
-        except FloatingPointError as err:
-            raise FloatingPointError(str(err).replace(f"{name} step 0:", f"{name} step {t}:", 1)) from None
-        return new._replace(step=t + 1)
-
-    def step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
-        t = s.step if isinstance(s, SingleLoopState) else 0
-        return step_at(s, inner_batch, outer_batch, value_at(lr_x, t, "lr_x"))
-
-    return base._replace(step=step), step_at
+        return algo.step(s, inner_batch, outer_batch)
+    return algo, step_at
 
 
 def soba(problem, *, lr_x, lr_y, lr_v, backend: str = "auto", independent_outer_sample: bool = False,
