@@ -364,3 +364,36 @@ def test_fdehbo_inner_gradient_from_the_pair_when_one_batch_serves_both():
     for k in y0:
         torch.testing.assert_close(shared.y[k], separate.y[k], rtol=1e-9, atol=1e-10)
     assert n_shared < n_separate
+
+
+@pytest.mark.parametrize("ctor", [tb.fdehbo, tb.fmbo])
+def test_eta_one_skips_the_previous_iterate_with_the_same_result(ctor):
+    # η = 1 (constant) multiplies the momentum bracket by 0: the engine does not evaluate the
+    # previous iterate; the same η given as a schedule (evaluated) gives the same iterates
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(1)
+    X, t = torch.randn(30, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    calls = [0]
+
+    def g(x, y, b):
+        calls[0] += 1
+        return F.cross_entropy(torch.tanh(b[0] @ x["A"]) @ y["W"], b[1]) + 0.05 * (y["W"] ** 2).sum()
+
+    f = lambda x, y, b: F.cross_entropy(torch.tanh(b[0] @ x["A"]) @ y["W"], b[1])
+    x0 = {"A": torch.randn(5, 4, dtype=torch.float64, generator=gen)}
+    y0 = {"W": 0.1 * torch.randn(4, 3, dtype=torch.float64, generator=gen)}
+    prob = tb.Bilevel(outer=f, inner=g)
+    runs = []
+    for eta in (1.0, lambda step: 1.0):
+        algo = ctor(prob, lr_x=0.1, lr_y=0.5, lr_v=0.5, eta_x=eta, eta_y=eta, eta_v=eta, radius=50.0)
+        s = algo.init(x0, y0)
+        calls[0] = 0
+        for _ in range(4):
+            s = algo.step(s, (X, t), (X, t))
+        runs.append((s, calls[0]))
+    (a, n_const), (b, n_sched) = runs
+    for k in x0:
+        torch.testing.assert_close(a.x[k], b.x[k], rtol=1e-12, atol=1e-13)
+    for k in y0:
+        torch.testing.assert_close(a.y[k], b.y[k], rtol=1e-12, atol=1e-13)
+    assert n_const < n_sched
