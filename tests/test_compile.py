@@ -60,12 +60,14 @@ def test_aid_hypergrad_fullgraph_inductor_matches_eager():
 def test_fdehbo_step_is_sync_free_one_graph_and_matches_eager():
     # fullgraph=True fails on any host read (a graph break): with check_finite=False and a
     # given delta the step has none.  Steps 0, 1 and t >= 2 give three graphs (t == 0 is
-    # the plain first step; then the step counter becomes a dynamic integer).
+    # the plain first step; then the step counter becomes a dynamic integer).  The run's
+    # first-step decisions (pair mode, ∇y g from the pair) are taken at init from a sample,
+    # eagerly: otherwise they would be a graph break at the first step.
     prob, x, y, b = problem()
     algo = tb.fdehbo(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
                      delta=1e-4, check_finite=False)
     step = torch.compile(algo.step, fullgraph=True)
-    s, c = algo.init(x, y), algo.init(x, y)
+    s, c = algo.init(x, y), algo.init(x, y, inner_batch=b)
     for _ in range(4):
         s, c = algo.step(s, b, b), step(c, b, b)
         for field in ("xf", "yf", "vf", "h_f", "h_g", "h_R"):
@@ -114,9 +116,10 @@ def test_single_loop_step_compiles_in_one_graph(ctor):
     algo = ctor(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
                 check_finite=False)
     step = torch.compile(algo.step, fullgraph=True, backend="aot_eager")
-    s, c = algo.init(x, y), algo.init(x, y)
+    s, c = algo.init(x, y), algo.init(x, y, inner_batch=b)
     for _ in range(3):
         s, c = algo.step(s, b, b), step(c, b, b)
+    assert (c.pair_mode, c.gy_from_pair) == (s.pair_mode, s.gy_from_pair)   # the same decisions
     torch.testing.assert_close(c.xf, s.xf, rtol=RTOL, atol=1e-12)
     torch.testing.assert_close(c.vf, s.vf, rtol=RTOL, atol=1e-12)
 

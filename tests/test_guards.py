@@ -347,16 +347,16 @@ def test_malformed_inputs_battery():
 
 def test_guards_cost_nothing_when_disabled():
     # no trace is open without check_finite: record() is a no-op
-    assert not G._TRACES
+    assert not G._traces()
     G.record(G.INNER, {"w": torch.tensor([math.nan])})
-    assert not G._TRACES
+    assert not G._traces()
     with G.tracing(False) as tr:
-        assert tr is None and not G._TRACES
+        assert tr is None and not G._traces()
     with G.tracing(True) as tr:
         G.record(G.OUTER, torch.ones(2))
         G.record(G.LINEAR, {"v": torch.tensor([1.0, math.inf])})
         assert tr.first_nonfinite() == G.LINEAR
-    assert not G._TRACES
+    assert not G._traces()
 
 
 @pytest.mark.parametrize("name", list(SINGLE))

@@ -22,27 +22,37 @@ seen by these contexts.
 from __future__ import annotations
 
 import contextlib
+import threading
+
+import torch
+
+from .tracing import in_functorch_transform
 
 __all__ = ["frozen", "updating", "is_frozen", "transaction", "journal", "note_train_buffers", "train_buffer_calls"]
 
-# A process-wide flag in a list, not a ContextVar: torch.compile traces reads and writes of
-# a module-level list (the compiled hypergradient and single-loop step keep one graph),
-# while dynamo refuses ContextVar.set.
-_FROZEN = [False]
-# how many train-mode evaluations of modules with buffers tb.nn.call has made
-_TRAIN_BUFFER_CALLS = [0]
-# inside transaction(): id(buffer) -> (buffer, copy before the first update), else None
-_JOURNAL = [None]
+class _ThreadState(threading.local):
+    """What the contexts below set, per thread: two threads running two problems never see
+    each other's frozen flag, buffer count or journal (tests/test_layers.py).  A
+    ``threading.local``, not a ContextVar: torch.compile traces attribute reads and writes
+    of it inside one graph (dynamo refuses ContextVar.set)."""
+
+    def __init__(self):
+        self.frozen = False     # inside frozen(): evaluations leave buffers untouched
+        self.calls = 0          # train-mode evaluations of modules with buffers (tb.nn.call)
+        self.journal = None     # inside transaction(): id(buffer) -> (buffer, copy), else None
+
+
+_STATE = _ThreadState()
 
 
 @contextlib.contextmanager
 def _set(value: bool):
-    old = _FROZEN[0]
-    _FROZEN[0] = value
+    old = _STATE.frozen
+    _STATE.frozen = value
     try:
         yield
     finally:
-        _FROZEN[0] = old
+        _STATE.frozen = old
 
 
 def frozen():
@@ -58,9 +68,8 @@ def updating():
 def is_frozen() -> bool:
     """True when buffers must not change: inside :func:`frozen`, or inside a torch.func
     transform (where an in-place update of an unbatched buffer is impossible)."""
-    if _FROZEN[0]:
+    if _STATE.frozen:
         return True
-    from .problem import in_functorch_transform
     return in_functorch_transform()
 
 
@@ -70,26 +79,25 @@ def transaction():
     inside it (running statistics of the inner steps already taken) is put back as it was on
     entry, so that a failed step (FloatingPointError) leaves the model as it leaves the
     state.  One copy of each touched buffer per step."""
-    outer = _JOURNAL[0]
-    _JOURNAL[0] = {} if outer is None else outer
+    outer = _STATE.journal
+    book = _STATE.journal = {} if outer is None else outer
     try:
         yield
     except BaseException:
         if outer is None:
-            import torch
             with torch.no_grad():
-                for buf, copy in _JOURNAL[0].values():
+                for buf, copy in book.values():
                     buf.copy_(copy)
         raise
     finally:
         if outer is None:
-            _JOURNAL[0] = None
+            _STATE.journal = None
 
 
 def journal(tensors) -> None:
     """Record ``tensors`` (buffers about to be updated in place) in the open
     :func:`transaction`, once each; nothing outside a transaction."""
-    book = _JOURNAL[0]
+    book = _STATE.journal
     if book is None:
         return
     for t in tensors:
@@ -99,11 +107,11 @@ def journal(tensors) -> None:
 
 def note_train_buffers() -> None:
     """Count one train-mode evaluation of a module that has buffers (tb.nn.call)."""
-    _TRAIN_BUFFER_CALLS[0] += 1
+    _STATE.calls += 1
 
 
 def train_buffer_calls() -> int:
     """How many train-mode evaluations of modules with buffers tb.nn.call has made: an
     algorithm compares it across its first step to learn whether its objective has running
     statistics to maintain."""
-    return _TRAIN_BUFFER_CALLS[0]
+    return _STATE.calls

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import threading
 from typing import Mapping
 
 import torch
@@ -33,13 +34,14 @@ from .problem import Bilevel, check_features, use_func_mechanism
 
 __all__ = ["hoisted_inner", "can_lift", "lifted_estimate", "shared_features"]
 
-# during shared_features(): (x, inner_batch, outer_batch, xr, z_in, z_out), else None
-_SHARED = [None]
+# during shared_features(): (x, inner_batch, outer_batch, xr, z_in, z_out), else None; per
+# thread (two threads stepping two problems never share features), traceable by dynamo
+_SHARED = threading.local()
 
 
 def _shared_for(x, inner_batch, outer_batch=None):
     """The step's shared features if they were computed at this x (same tensors) and batches."""
-    sh = _SHARED[0]
+    sh = getattr(_SHARED, "step", None)
     if sh is None or sh[1] is not inner_batch or (outer_batch is not None and sh[2] is not outer_batch):
         return None
     xs = sh[0]
@@ -73,11 +75,11 @@ def shared_features(problem: Bilevel, estimator, x, inner_batch, outer_batch):
         yield
         return
     xr, zi, zo = _features_with_graph(problem, x, inner_batch, outer_batch)
-    _SHARED[0] = (dict(x), inner_batch, outer_batch, xr, zi, zo)
+    _SHARED.step = (dict(x), inner_batch, outer_batch, xr, zi, zo)
     try:
         yield
     finally:
-        _SHARED[0] = None
+        _SHARED.step = None
 
 
 def hoisted_inner(problem: Bilevel, x):
@@ -101,11 +103,10 @@ def hoisted_inner(problem: Bilevel, x):
 
 def can_lift(problem: Bilevel, estimator, inner_batch, outer_batch) -> bool:
     """True where :func:`lifted_estimate` applies: features declared, single process, an
-    estimator that perturbs nothing in x-space (not PZOBO), and batches reused for the whole
+    estimator that perturbs nothing in x-space (``perturbs_x`` unset: not PZOBO), and batches reused for the whole
     call (not iterators: those need fresh features per draw)."""
-    from .estimators import PZOBO
     iterator = collections.abc.Iterator
-    return (problem.features is not None and problem.reduce is None and not isinstance(estimator, PZOBO)
+    return (problem.features is not None and problem.reduce is None and not getattr(estimator, "perturbs_x", False)
             and not isinstance(inner_batch, iterator) and not isinstance(outer_batch, iterator))
 
 

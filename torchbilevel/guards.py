@@ -11,12 +11,13 @@ appends.  Outside a trace (``check_finite=False``) :func:`record` does nothing.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .problem import in_functorch_transform
+from .tracing import in_functorch_transform
 
 __all__ = ["StageTrace", "tracing", "record", "locate", "check_inputs",
            "INNER", "OUTER", "LINEAR", "MIXED", "PATHS", "UPDATE", "UNROLL_BACKWARD"]
@@ -46,8 +47,15 @@ class StageTrace:
         return None
 
 
-# One stack per process.  A trace only ever affects the wording of an error message.
-_TRACES: List[StageTrace] = []
+# One stack per thread (a trace only ever affects the wording of an error message, and two
+# threads running two problems must not append to each other's).
+_LOCAL = threading.local()
+
+
+def _traces() -> List[StageTrace]:
+    if not hasattr(_LOCAL, "traces"):
+        _LOCAL.traces = []
+    return _LOCAL.traces
 
 
 @contextlib.contextmanager
@@ -58,18 +66,20 @@ def tracing(enabled: bool = True) -> Iterator[Optional[StageTrace]]:
         yield None
         return
     trace = StageTrace()
-    _TRACES.append(trace)
+    traces = _traces()
+    traces.append(trace)
     try:
         yield trace
     finally:
-        _TRACES.pop()
+        traces.pop()
 
 
 def record(stage: str, *items) -> None:
     """Note that ``items`` (dicts of tensors, tensors or None) are the output of ``stage``
     in the innermost open trace; a no-op when none is open."""
-    if _TRACES:
-        _TRACES[-1].stages.append((stage, items))
+    traces = _traces()
+    if traces:
+        traces[-1].stages.append((stage, items))
 
 
 def _leaves(item):

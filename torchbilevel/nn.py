@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from . import buffers as B
 from . import tree as T
+from .derivatives.second_order import cudnn_rnns_seen, note_cudnn_rnn
 
 __all__ = ["split", "call", "write_grad", "load", "features", "Features", "cudnn_rnns_seen"]
 
@@ -90,7 +91,6 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
 
 # module -> type names of its RNN submodules (nn.LSTM, nn.GRU, nn.RNN)
 _RNNS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_CUDNN_SEEN: set = set()
 
 
 def _note_cudnn_rnns(module: nn.Module) -> None:
@@ -99,13 +99,7 @@ def _note_cudnn_rnns(module: nn.Module) -> None:
     for m in _RNNS[module]:
         w = next(m.parameters(), None)
         if w is not None and w.is_cuda and torch.backends.cudnn.enabled:
-            _CUDNN_SEEN.add(f"nn.{type(m).__name__}")
-
-
-def cudnn_rnns_seen() -> list:
-    """Type names of RNN modules (nn.LSTM, ...) evaluated on CUDA with cuDNN through
-    :func:`call` in this process: used to name them when a second-order method fails."""
-    return sorted(_CUDNN_SEEN)
+            note_cudnn_rnn(f"nn.{type(m).__name__}")
 
 
 # module -> its BatchNorm/InstanceNorm submodules in train mode with running statistics

@@ -16,10 +16,12 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
+from . import buffers, randomness
 from . import tree as T
+from .tracing import in_functorch_transform, use_func_mechanism
 
 __all__ = ["Bilevel", "draw", "check_params", "check_positive", "check_steps", "check_unit",
-           "in_functorch_transform"]
+           "in_functorch_transform", "use_func_mechanism"]
 
 Objective = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Any], Tensor]
 
@@ -110,7 +112,6 @@ class Bilevel:
         Returns the batch to use: an iterator's first sample is put back in front of it."""
         if self._inner_uses_y or in_functorch_transform() or torch.compiler.is_compiling():
             return inner_batch
-        from . import buffers, randomness
         first = draw(inner_batch, "inner_batch")
         if isinstance(inner_batch, collections.abc.Iterator):
             inner_batch = itertools.chain([first], inner_batch)
@@ -275,24 +276,6 @@ def check_unit(value, name: str, allow_schedule: bool = False):
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return float(value)
-
-
-def in_functorch_transform() -> bool:
-    """True inside torch.func transforms (vmap, grad, jvp, ...), where we must use the
-    torch.func mechanism and cannot read values on the host.  (The dynamic-layer depth, not
-    ``peek_interpreter_stack``: under torch.compile the latter reads as non-None everywhere,
-    which silently disabled the finite checks of compiled code.)"""
-    return torch._C._functorch.get_dynamic_layer_stack_depth() > 0
-
-
-def use_func_mechanism() -> bool:
-    """True where derivatives must go through torch.func rather than torch.autograd.grad:
-    inside torch.func transforms, and while torch.compile traces (aot_autograd does not
-    support double backward through ``torch.autograd.grad``)."""
-    return in_functorch_transform() or torch.compiler.is_compiling()
-
-
-__all__.append("use_func_mechanism")
 
 
 def check_finite(where: str, *trees: Mapping[str, Tensor]) -> None:

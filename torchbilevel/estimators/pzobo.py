@@ -37,6 +37,10 @@ class PZOBO(NamedTuple):
     vectorize: Optional[bool] = None
     distribution: str = "gaussian"
 
+    # read by features.can_lift: PZOBO perturbs x itself (x + μu), so a hypergradient
+    # cannot be lifted through declared features computed once at x
+    perturbs_x = True
+
     def sample_directions(self, x):
         """Q directions shaped like x (leading dim Q), from ``generator``: u_j ~ N(0, I)
         ("gaussian", eq. (4)), or each tensor of u_j drawn uniformly on its unit sphere

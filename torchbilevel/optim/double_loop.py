@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from torch import Tensor
+
 from .. import buffers as B
 from .. import guards as G
 from .. import randomness as R
@@ -26,12 +28,16 @@ from .schedule import value_at
 
 class DoubleLoopState(NamedTuple):
     """x, y: current outer and inner parameters (dicts); v: the warm start of the linear
-    system (AID) or None; outer: the outer rule's state; step: steps taken so far."""
+    system (AID) or None; outer: the outer rule's state; step: steps taken so far;
+    generator: the state of the estimator's ``generator`` (PZOBO's directions) for this run,
+    or None — set into the generator before each step and read back after it, so that two
+    runs on one algorithm object draw as they would alone."""
     x: T.Tree
     y: T.Tree
     v: Optional[T.Tree]
     outer: OuterState
     step: int
+    generator: Optional[Tensor] = None
 
 
 def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
@@ -86,7 +92,8 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
             bad = G.check_inputs(x=x, y=y)
             if bad is not None:
                 raise FloatingPointError(f"init: {bad} holds NaN/inf")
-        return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0)
+        return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0,
+                               None if generator is None else generator.get_state())
 
     def step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
         """One outer step: ``inner_steps`` warm-started inner steps, a hypergradient, an outer
@@ -94,9 +101,12 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         stream (global and the estimator's generator) as they were."""
         if not isinstance(state, DoubleLoopState):
             raise TypeError(f"state must come from init(), got {type(state).__name__}")
+        if generator is not None and state.generator is not None:
+            generator.set_state(state.generator)      # this run's directions stream
         with R.restored_on_error(state.x, generators=(generator,)), B.transaction():
             inner_batch = problem.check_inner_uses_y(state.x, state.y, inner_batch)
-            return _step(state, inner_batch, outer_batch)
+            new = _step(state, inner_batch, outer_batch)
+        return new if generator is None else new._replace(generator=generator.get_state())
 
     def _step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
         k = state.step
@@ -130,7 +140,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         d = {"algorithm": "double_loop", "x": state.x, "y": state.y, "v": state.v,
              "outer": state.outer._asdict(), "step": state.step}
         if generator is not None:
-            d["generator"] = generator.get_state()
+            d["generator"] = state.generator if state.generator is not None else generator.get_state()
         return d
 
     def load_state_dict(d: dict) -> DoubleLoopState:
@@ -138,6 +148,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
             raise ValueError("not a double_loop checkpoint (expected the dict of state_dict())")
         if generator is not None and "generator" in d:
             generator.set_state(d["generator"])
-        return DoubleLoopState(d["x"], d["y"], d["v"], OuterState(**d["outer"]), d["step"])
+        return DoubleLoopState(d["x"], d["y"], d["v"], OuterState(**d["outer"]), d["step"],
+                               d.get("generator") if generator is not None else None)
 
     return Algorithm(init, step, state_dict, load_state_dict, f"double_loop({type(estimator).__name__})")

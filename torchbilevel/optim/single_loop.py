@@ -17,7 +17,9 @@ All state lives in flat contiguous buffers; the elementwise bookkeeping is the f
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import itertools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -47,6 +49,13 @@ class SingleLoopState(NamedTuple):
     of v on the ball of radius r bound (‖w‖ > r; a 0-d tensor on the device), and
     ``ball_recent``, the fraction of recent steps (moving average over about
     ``RADIUS_WINDOW`` steps) in which it bound.
+
+    What a run decides lives here too, so that a newly built algorithm that loads a
+    ``state_dict`` continues bit for bit and two runs never share decisions:
+    ``pair_mode`` (FdeHBO's ± pair: True one vmap, False two evaluations, None not yet
+    decided), ``gy_from_pair`` (FdeHBO: ∇y g taken from the pair when the y update and the
+    products share a sample — only for objectives without running statistics; None not yet
+    decided) and ``warned`` (the radius warning was given in this run).
     """
     xf: Tensor
     yf: Tensor
@@ -63,6 +72,9 @@ class SingleLoopState(NamedTuple):
     layout_y: T.Raveled
     ball_hits: Optional[Tensor] = None
     ball_recent: Optional[Tensor] = None
+    pair_mode: Optional[bool] = None
+    gy_from_pair: Optional[bool] = None
+    warned: bool = False
 
     @property
     def x(self) -> T.Tree:
@@ -121,16 +133,20 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     f_flat_src, g_flat_src = problem.outer, problem.inner
 
-    def init(x, y, v=None) -> SingleLoopState:
-        """Initial state from dicts x, y (and optionally v; default 0).  Copies the inputs."""
+    def init(x, y, v=None, inner_batch=None) -> SingleLoopState:
+        """Initial state from dicts x, y (and optionally v; default 0).  Copies the inputs.
+
+        ``inner_batch`` (optional, FdeHBO; a batch, not an iterator): make the run's
+        first-step decisions here, eagerly, from this sample's shapes (see
+        :class:`SingleLoopState`), so that ``torch.compile(algo.step, fullgraph=True)``
+        never meets them (otherwise the first step takes them: a graph break there)."""
         check_params(x, y)
         if check_finite and not in_functorch_transform():
             bad = G.check_inputs(x=x, y=y, v=v)
             if bad is not None:
                 raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
-        warned[0] = False
-        pair_mode[0] = batched
-        gy_from_pair[0] = None
+        if inner_batch is not None and isinstance(inner_batch, collections.abc.Iterator):
+            raise TypeError("init(inner_batch=...) takes one batch (used for its shapes), not an iterator")
         xf, lx = T.ravel(x)
         yf, ly = T.ravel(y)
         if v is None:
@@ -141,7 +157,37 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         zero = lambda t: torch.zeros_like(t)
         hits = torch.zeros((), dtype=torch.int64, device=yf.device)
         recent = torch.zeros((), dtype=torch.float32, device=yf.device)
-        return SingleLoopState(xf, yf, vf, zero(xf), zero(yf), zero(yf), xf, yf, vf, 0.0, 0, lx, ly, hits, recent)
+        s = SingleLoopState(xf, yf, vf, zero(xf), zero(yf), zero(yf), xf, yf, vf, 0.0, 0, lx, ly, hits, recent,
+                            pair_mode=batched if fd else None, gy_from_pair=None if fd else False)
+        if inner_batch is not None and fd:
+            with B.frozen():
+                s = decide(s, inner_batch)[0]
+        return s
+
+    @torch.compiler.disable
+    def decide(s: SingleLoopState, inner_batch):
+        """FdeHBO's per-run decisions (fields of the state), taken once, eagerly, from one
+        sample of ``inner_batch`` (an iterator's sample is put back in front of it): the
+        pair mode by the FLOP rule of ``derivatives.choose_pair_batched`` (unless the user
+        fixed ``batched``), and whether g has running statistics (one plain forward, buffers
+        frozen, random stream as found).  Under torch.compile this is a graph break at the
+        first step only.  Returns (state, batch)."""
+        first = draw(inner_batch, "inner_batch")
+        if isinstance(inner_batch, collections.abc.Iterator):
+            inner_batch = itertools.chain([first], inner_batch)
+        g = _flat(g_flat_src, s.layout_x, s.layout_y)
+        pair = s.pair_mode
+        state = R.capture(s.xf)
+        try:
+            if pair is None:
+                pair = choose_pair_batched(g, s.xf, s.yf, s.vf, first, fd_step(s.yf, s.vf))
+            calls = B.train_buffer_calls()
+            with torch.no_grad():
+                g(s.xf, s.yf, first)
+            stats = B.train_buffer_calls() != calls
+        finally:
+            R.restore(state)
+        return s._replace(pair_mode=bool(pair), gy_from_pair=not stats), inner_batch
 
     def fd_step(yf, vf):
         """δ_t: the user's delta (a float), or the scale-aware default of derivatives.fd_delta
@@ -153,9 +199,11 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         return fd_delta_from_norms(torch.linalg.vector_norm(yf.to(work)), torch.linalg.vector_norm(vf.to(work)),
                                    yf.dtype, yf.numel())
 
-    def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch) -> _Evaluations:
+    def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch):
         """All gradient evaluations of one step: at the current iterate and (t ≥ 1) at the
-        previous one on the current samples, as eq. (6), (7), (10) require."""
+        previous one on the current samples, as eq. (6), (7), (10) require.  Returns
+        (evaluations, the pair mode that ran)."""
+        pair_mode = [s.pair_mode]
         lx, ly = s.layout_x, s.layout_y
         g = _flat(g_flat_src, lx, ly)
         f = _flat(f_flat_src, lx, ly)
@@ -174,9 +222,10 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         # FdeHBO with ζ_t = ψ_t (one batch for both): ∇y g(·; ζ) from the ± pair's gradients,
         # (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²) (float32 error measured at the level
         # of the gradient's own rounding, bench/RESULTS.md §7): no separate forward of g.  Only
-        # for objectives without running statistics (decided at the first step), since that
-        # evaluation is the one that updates them.
-        pair_gy = (fd and zeta is psi_g and gy_from_pair[0] is True and not use_func_mechanism())
+        # for objectives without running statistics (state.gy_from_pair, decided once), since
+        # that evaluation is the one that updates them.  Under torch.func transforms and
+        # torch.compile the mean's second backward is unavailable: ∇y g is evaluated directly.
+        pair_gy = (fd and zeta is psi_g and s.gy_from_pair is True and not use_func_mechanism())
 
         def at(point, current: bool):
             xf, yf, vf, dl = point
@@ -191,9 +240,6 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             if fd:
                 # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
                 both = xi_g is psi_g
-                if pair_mode[0] is None and not in_functorch_transform() and not torch.compiler.is_compiling():
-                    # the pair mode, once per run: vmap when it saves forward FLOPs
-                    pair_mode[0] = choose_pair_batched(g, xf, yf, vf, psi_g, dl)
                 pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=pair_mode[0],
                                  wrt=(0, 1) if both else (1,), with_grad_y=pair_gy)
                 if pair_gy:
@@ -214,7 +260,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
         gy, fx, fy, hv, jv = (list(col) for col in zip(*rows))
         stack = lambda rows: torch.stack(rows if len(rows) == 2 else rows * 2)   # prev = cur: t = 0, η = 1
-        return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy))
+        return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy)), pair_mode[0]
 
     def stack_rows(ev: _Evaluations):
         """The stacked gradient buffers of torchbilevel.kernels (products layout, fd=False):
@@ -235,15 +281,12 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 return what
         return "the update (step sizes too large: the iterates overflowed)"
 
-    pair_mode = [batched]     # FdeHBO's ± pair: None = decide at the first step (FLOP rule)
-    gy_from_pair = [None]     # FdeHBO: ∇y g from the pair when ζ = ψ (decided at the first step)
-    warned = [False]          # the radius warning is given once per run
-
-    def warn_radius(recent, w_sq, t):
+    def warn_radius(recent, w_sq, t) -> bool:
+        """Warn (once per run: the caller records it in the state) when the projection bound
+        in most recent steps; True if it warned."""
         frac, norm_w = (float(a) for a in torch.stack([recent.float(), w_sq.float().sqrt()]).tolist())
         frac /= 1.0 - (1.0 - 1.0 / RADIUS_WINDOW) ** (t + 1)     # the average starts at 0: unbias it
         if frac > 0.5:
-            warned[0] = True
             warnings.warn(
                 f"{name}: the projection of v on the ball of radius={radius:g} bound in {frac:.0%} of the "
                 f"last ~{RADIUS_WINDOW} steps (step {t}; ‖v‖ would be {norm_w:.3g} unprojected). Theorem 1 "
@@ -251,6 +294,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 f"hypergradient. Estimate ‖v*‖ with a few CG steps (tb.hypergrad(problem, "
                 f"tb.aid(tb.cg(steps=20)), has_aux=True) gives aux.v) and pass radius ≈ 2‖v*‖.",
                 RuntimeWarning, stacklevel=4)
+            return True
+        return False
 
     def step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
         """One step of Alg. 1 (FdeHBO) / Alg. 2 (FMBO); returns the new state, never
@@ -261,16 +306,15 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), \
                 (contextlib.nullcontext() if fd else second_order(name)):
             inner_batch = problem.check_inner_uses_y(s.x, s.y, inner_batch)
+            if fd and (s.pair_mode is None or s.gy_from_pair is None) and not in_functorch_transform():
+                s, inner_batch = decide(s, inner_batch)
             return _step(s, inner_batch, outer_batch)
 
     def _step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
         t = s.step
         first = t == 0
         d_cur = fd_step(s.yf, s.vf) if fd else 1.0
-        buffer_calls = B.train_buffer_calls()
-        ev = evaluate(s, first, d_cur, inner_batch, outer_batch)
-        if gy_from_pair[0] is None and not use_func_mechanism():
-            gy_from_pair[0] = B.train_buffer_calls() == buffer_calls     # no running statistics seen
+        ev, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch)
         if problem.reduce is not None:
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
@@ -286,14 +330,14 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         x_new, h_f = K.outer_update(
             s.xf, s.h_f, rows_x, alpha=value_at(lr_x, t, "lr_x"), eta_f=e(eta_x, "eta_x"),
             scale_cur=1.0, scale_prev=1.0, fd=False, backend=backend)
-        hits, recent = s.ball_hits, s.ball_recent
+        hits, recent, warned = s.ball_hits, s.ball_recent, s.warned
         if radius != float("inf") and hits is not None:
             bound = (w_sq > radius * radius)
             hits = hits + bound.to(hits.dtype)
             recent = recent + (bound.to(recent.dtype) - recent) / RADIUS_WINDOW
-            if (not warned[0] and (t + 1) % RADIUS_WINDOW == 0 and not in_functorch_transform()
+            if (not warned and (t + 1) % RADIUS_WINDOW == 0 and not in_functorch_transform()
                     and not torch.compiler.is_compiling()):
-                warn_radius(recent, w_sq, t)
+                warned = warn_radius(recent, w_sq, t)
         if check_finite and not in_functorch_transform():
             # one fused reduction and one host read per step
             probe = w_sq.float() + x_new.float().sum() + y_new.float().sum()
@@ -303,7 +347,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; "
                                          "the state passed in is unchanged")
         return SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
-                               d_cur, t + 1, s.layout_x, s.layout_y, hits, recent)
+                               d_cur, t + 1, s.layout_x, s.layout_y, hits, recent,
+                               pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=warned)
 
     def state_dict(s: SingleLoopState) -> dict:
         """Plain dicts, tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
@@ -320,7 +365,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
         lay = {k: T.Raveled(tuple(d[k]["keys"]), tuple(torch.Size(sh) for sh in d[k]["shapes"]),
                             tuple(d[k]["offsets"]), d[k]["numel"]) for k in ("layout_x", "layout_y")}
-        fields = {k: d.get(k) for k in SingleLoopState._fields if not k.startswith("layout")}
+        # (checkpoints older than the decision fields leave them at their defaults: undecided)
+        fields = {k: d[k] for k in SingleLoopState._fields if not k.startswith("layout") and k in d}
         return SingleLoopState(**fields, **lay)
 
     return Algorithm(init, step, state_dict, load_state_dict, name)

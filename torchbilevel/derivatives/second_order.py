@@ -1,0 +1,54 @@
+"""Objectives without a double backward: the guard that names them when a second-order
+method fails, and the record of cuDNN RNN modules seen (written by ``torchbilevel.nn.call``,
+read here: the record lives in this lower layer so that derivatives never import nn).
+"""
+from __future__ import annotations
+
+import contextlib
+
+__all__ = ["second_order", "note_cudnn_rnn", "cudnn_rnns_seen"]
+
+# Type names of RNN modules evaluated on CUDA with cuDNN in this process.  Process-wide on
+# purpose: it only words an error message, and a module type seen by any thread is worth
+# naming; no result depends on it.
+_CUDNN_SEEN: set = set()
+
+
+def note_cudnn_rnn(type_name: str) -> None:
+    """Record that an RNN module of this type ran on CUDA with cuDNN (torchbilevel.nn.call)."""
+    _CUDNN_SEEN.add(type_name)
+
+
+def cudnn_rnns_seen() -> list:
+    """Type names of RNN modules (nn.LSTM, ...) evaluated on CUDA with cuDNN through
+    :func:`torchbilevel.nn.call` in this process: used to name them when a second-order
+    method fails."""
+    return sorted(_CUDNN_SEEN)
+
+
+_NO_DOUBLE_BACKWARD = ("_cudnn_rnn_backward", "once_differentiable", "differentiate twice", "double backward")
+
+
+@contextlib.contextmanager
+def second_order(method: str):
+    """Context for a method that differentiates a gradient again (AID, ITD, stocBiO, FMBO):
+    an objective without a double backward — a cuDNN RNN on CUDA (nn.LSTM, nn.GRU, nn.RNN),
+    a custom ``@once_differentiable`` function — fails deep inside autograd; this turns
+    that failure into a RuntimeError naming the module type (seen by
+    :func:`torchbilevel.nn.call`), the method and the methods that need no double backward."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not (any(m in text for m in _NO_DOUBLE_BACKWARD)
+                or ("derivative for" in text and "is not implemented" in text)):
+            raise
+        rnns = cudnn_rnns_seen()
+        who = (f"{', '.join(rnns)} on CUDA (cuDNN RNN kernels)" if rnns else "an operation of the objective")
+        hint = (" or keep the RNN but disable cuDNN for it (with torch.backends.cudnn.flags(enabled=False): ...)"
+                if rnns else "")
+        raise RuntimeError(
+            f"{method} differentiates the gradient of g a second time (Hessian/Jacobian-vector products), "
+            f"and {who} has no double backward. Use a method that needs only gradients: tb.fdehbo "
+            f"(finite-difference products), tb.pzobo (zeroth order in x) or tb.first_order(){hint}. "
+            f"Original error: {text.splitlines()[0] if text else type(err).__name__}") from err
