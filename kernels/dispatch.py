@@ -56,7 +56,7 @@ def triton_launches() -> dict[str, int]:
 
 def _use_triton(backend: str, t: torch.Tensor) -> bool:
     """Decide the backend for tensors like ``t``; raise when "triton" cannot honour the request."""
-    if backend == "torch":
+    if backend == "torch" or t.numel() == 0:      # (an empty shard: nothing to launch)
         return False
     if backend == "auto":
         return (

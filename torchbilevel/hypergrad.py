@@ -9,10 +9,11 @@ from torch import Tensor
 from . import buffers as B
 from . import guards as G
 from . import randomness as R
+from . import sharding as S
 from . import tree as T
 from .derivatives import second_order
 from .features import can_lift, lifted_estimate
-from .estimators import ESTIMATOR_NAMES, HypergradAux, is_estimator
+from .estimators import ESTIMATOR_NAMES, FirstOrder, HypergradAux, is_estimator
 from .problem import check_params, check_problem, in_functorch_transform
 
 
@@ -86,6 +87,15 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
     def hypergradient(x: Mapping[str, Tensor], y: Mapping[str, Tensor], inner_batch, outer_batch,
                       v0: Optional[Mapping[str, Tensor]] = None):
         check_params(x, y)
+        if S.is_sharded(x, y):
+            if not isinstance(estimator, FirstOrder):
+                S.refuse(_method_name(estimator), x, y)
+            # a sharded model: the estimator on the local shards, the result as DTensors
+            local, xl, yl, sx, sy = S.localize(problem, x, y)
+            dx, aux = hypergrad(local, estimator, has_aux=True, check_finite=check_finite)(xl, yl, inner_batch,
+                                                                                          outer_batch)
+            dx, aux = S.to_user(dx, sx), aux._replace(y=S.to_user(aux.y, sy))
+            return (dx, aux) if has_aux else dx
         if v0 is not None:
             T.check_same_keys(v0, y, "v0 and y")
             for k, t in v0.items():

@@ -13,6 +13,7 @@ optimiser through ``.grad``.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -72,21 +73,91 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
 
     Buffers (e.g. BatchNorm statistics) come from the module unless given in ``buffers``.
     Composes with torch.func transforms.
+
+    Sharded models (FSDP2, ``fully_shard``): the module is evaluated at the tensors given,
+    never at its own parameters — DTensor values are all-gathered here (their gradient is
+    reduce-scattered back to the shards) and FSDP's own hooks are bypassed for the call.
+    Wrappers whose forward ignores the tensors given (DistributedDataParallel, FSDP1, a
+    ``torch.compile``d module) raise TypeError naming the module to pass instead.
     """
     overlap = set(x) & set(y)
     if overlap:
         raise ValueError(f"x and y share parameter names: {sorted(overlap)}")
-    params = {**dict(module.named_buffers()), **(buffers or {}), **x, **y}
+    check_unwrapped(module)
+    params = {**dict(module.named_buffers()), **(buffers or {}), **gathered(x), **gathered(y)}
     _note_cudnn_rnns(module)
-    if not module.training:
-        return functional_call(module, params, args, kwargs)
-    if _buffer_names(module):
-        B.note_train_buffers()
-    if not B.is_frozen():
-        # running statistics about to move: journal them so a failed step can put them back
-        B.journal(t for n, t in params.items() if n in _buffer_names(module))
-        return functional_call(module, params, args, kwargs)
-    return _call_frozen(module, params, args, kwargs)
+    with without_fsdp_hooks(module):
+        if not module.training:
+            return functional_call(module, params, args, kwargs)
+        if _buffer_names(module):
+            B.note_train_buffers()
+        if not B.is_frozen():
+            # running statistics about to move: journal them so a failed step can put them back
+            B.journal(t for n, t in params.items() if n in _buffer_names(module))
+            return functional_call(module, params, args, kwargs)
+        return _call_frozen(module, params, args, kwargs)
+
+
+def check_unwrapped(module: nn.Module) -> None:
+    """TypeError for wrappers whose forward does not see the tensors functional_call gives
+    (it would evaluate the wrapper's own parameters: a silent zero hypergradient)."""
+    inner = None
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        inner, how = "module.module", "DistributedDataParallel"
+    elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        inner, how = "module._orig_mod", "a torch.compile'd module"
+    else:
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:      # pragma: no cover - builds without distributed
+            FullyShardedDataParallel = ()
+        if FullyShardedDataParallel and isinstance(module, FullyShardedDataParallel):
+            inner, how = "fully_shard(model) (FSDP2) instead of FullyShardedDataParallel", "FSDP1"
+    if inner is not None:
+        raise TypeError(f"tb.nn.call got {how}: its forward evaluates its own (flattened or synchronised) "
+                        f"parameters and ignores the x and y given, which would make every hypergradient "
+                        f"zero. Pass {inner} to tb.nn.split and tb.nn.call (data parallelism: "
+                        f"tb.distributed.data_parallel(problem); sharding: fully_shard)")
+
+
+def gathered(params: Mapping[str, Tensor]) -> dict:
+    """DTensor values all-gathered into full tensors (backward: reduce-scatter, summed over
+    ranks — torchbilevel.sharding scales by 1/N); other tensors as they are."""
+    out = {}
+    for k, t in params.items():
+        if hasattr(t, "full_tensor") and hasattr(t, "placements"):
+            from torch.distributed.tensor import Partial
+            t = t.full_tensor(grad_placements=[Partial()] * len(t.placements))
+        out[k] = t
+    return out
+
+
+def _is_fsdp_hook(h) -> bool:
+    return type(getattr(h, "__self__", None)).__name__ == "FSDPState"
+
+
+@contextlib.contextmanager
+def without_fsdp_hooks(module: nn.Module):
+    """Context: FSDP2's forward hooks (all-gather of its own sharded parameters, reshard)
+    removed from every FSDP module in ``module`` and put back afterwards, so that the
+    forward runs on the tensors functional_call gives."""
+    saved = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:          # pragma: no cover
+        FSDPModule = None
+    if FSDPModule is not None and isinstance(module, nn.Module):
+        for mod in module.modules():
+            if isinstance(mod, FSDPModule):
+                for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+                    drop = [k for k, h in hooks.items() if _is_fsdp_hook(h)]
+                    saved.append((hooks, [(k, hooks.pop(k)) for k in drop]))
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            for k, h in items:
+                hooks[k] = h
 
 
 # module -> type names of its RNN submodules (nn.LSTM, nn.GRU, nn.RNN)

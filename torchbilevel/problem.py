@@ -115,6 +115,7 @@ class Bilevel:
         first = draw(inner_batch, "inner_batch")
         if isinstance(inner_batch, collections.abc.Iterator):
             inner_batch = itertools.chain([first], inner_batch)
+        x, y = _gathered(x), _gathered(y)        # a sharded model: the objectives see full tensors
         ys = {k: t.detach().requires_grad_(True) for k, t in y.items()}
         state = randomness.capture(x, y)
         try:
@@ -168,6 +169,13 @@ class Bilevel:
         hook = "" if self.reduce is None else f", reduce={self.reduce!r}"
         feats = "" if self.features is None else f", features={name(self.features)}"
         return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)}{feats}{hook})"
+
+
+def _gathered(tree):
+    """DTensor values (a sharded model) all-gathered into plain full tensors (a collective:
+    every rank calls it at the same point); other values as they are."""
+    return {k: (t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "placements") else t)
+            for k, t in tree.items()}
 
 
 def _composed(fn, features):

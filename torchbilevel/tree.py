@@ -7,7 +7,7 @@ are plain tensor ops, so they compose with ``torch.func.vmap`` and ``grad``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, NamedTuple, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -105,11 +105,28 @@ def all_finite(*trees: Mapping[str, Tensor]) -> Tensor:
 
 
 class Raveled(NamedTuple):
-    """Layout of a raveled dict: the keys, shapes and offsets into the flat buffer."""
+    """Layout of a raveled dict: the keys, shapes and offsets into the flat buffer.
+
+    ``shards``: None for plain tensors; for a dict holding DTensors (a sharded model), one
+    entry per key — ``(mesh, placements, global shape, global stride)`` or None for a plain
+    (replicated) tensor — and then the flat buffer holds the local shards, ``shapes`` are
+    the local shapes (see torchbilevel.sharding)."""
     keys: Tuple[str, ...]
     shapes: Tuple[torch.Size, ...]
     offsets: Tuple[int, ...]
     numel: int
+    shards: Optional[tuple] = None
+
+    def user(self, flat: Tensor) -> Tree:
+        """The dict as the user passed it: :meth:`unravel`'s views, wrapped back into
+        DTensors (no communication) where the layout is sharded."""
+        views = self.unravel(flat)
+        if self.shards is None:
+            return views
+        from torch.distributed.tensor import DTensor
+        return {k: (t if spec is None else DTensor.from_local(t, spec[0], spec[1], run_check=False,
+                                                               shape=spec[2], stride=spec[3]))
+                for (k, t), spec in zip(views.items(), self.shards)}
 
     def unravel(self, flat: Tensor) -> Tree:
         """Views of ``flat`` (no copy) shaped like the original dict.  ``flat`` may have
@@ -135,11 +152,16 @@ def ravel(tree: Mapping[str, Tensor]) -> Tuple[Tensor, Raveled]:
     if len(dtypes) > 1 or len(devices) > 1:
         raise ValueError(f"ravel needs one dtype and device, got {dtypes} on {devices}")
     keys = tuple(tree)
+    shards = None
+    if any(hasattr(t, "placements") and hasattr(t, "to_local") for t in tree.values()):   # DTensors
+        shards = tuple((t.device_mesh, tuple(t.placements), t.shape, t.stride()) if hasattr(t, "to_local") else None
+                       for t in tree.values())
+        tree = {k: (t.to_local() if hasattr(t, "to_local") else t) for k, t in tree.items()}
     shapes = tuple(tree[k].shape for k in keys)
     sizes = [math.prod(s) for s in shapes]
     offsets = tuple(int(sum(sizes[:i])) for i in range(len(sizes)))
     flat = torch.cat([tree[k].reshape(-1) for k in keys]) if len(keys) > 1 else tree[keys[0]].reshape(-1).clone()
-    return flat, Raveled(keys, shapes, offsets, int(sum(sizes)))
+    return flat, Raveled(keys, shapes, offsets, int(sum(sizes)), shards)
 
 
 def unravel(layout: Raveled, flat: Tensor) -> Tree:
@@ -155,6 +177,8 @@ def ravel_like(layout: Raveled, tree: Mapping[str, Tensor]) -> Tensor:
     parts = []
     for k, s in zip(layout.keys, layout.shapes):
         t = tree[k]
+        if hasattr(t, "to_local") and hasattr(t, "placements"):      # a DTensor: its local shard
+            t = t.to_local()
         lead = t.shape[: t.dim() - len(s)]
         parts.append(t.reshape(*lead, math.prod(s)))   # explicit size: empty tensors too
     return torch.cat(parts, dim=-1)

@@ -14,6 +14,7 @@ import torch
 from .. import buffers as B
 from .. import guards as G
 from .. import randomness as R
+from .. import sharding as S
 from .. import tree as T
 from ..problem import check_params, in_functorch_transform
 from .single_loop import _flat as flat_fn  # (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)
@@ -27,8 +28,11 @@ def view(field: str, layout: str, doc: str = "") -> property:
 
 
 def init_flat(name: str, x, y, check_finite: bool):
-    """Validate x, y and ravel them into fresh flat buffers: (xf, yf, layout_x, layout_y)."""
+    """Validate x, y and ravel them into fresh flat buffers: (xf, yf, layout_x, layout_y).
+    A sharded model (DTensors) is refused before any work: these methods either need
+    second derivatives (MRBO) or whole-vector steps not yet written for shards."""
     check_params(x, y)
+    S.refuse(name, x, y)
     if check_finite and not in_functorch_transform():
         bad = G.check_inputs(x=x, y=y)
         if bad is not None:

@@ -15,10 +15,11 @@ from torch import Tensor
 from .. import buffers as B
 from .. import guards as G
 from .. import randomness as R
+from .. import sharding as S
 from .. import tree as T
 from ..estimators.base import unroll
 from ..features import shared_features
-from ..estimators import AID, ESTIMATOR_NAMES, is_estimator
+from ..estimators import AID, ESTIMATOR_NAMES, FirstOrder, is_estimator
 from ..hypergrad import hypergrad
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
 from .algorithm import Algorithm
@@ -88,6 +89,8 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
 
     def init(x, y) -> DoubleLoopState:
         check_params(x, y)
+        if not isinstance(estimator, FirstOrder):
+            S.refuse(f"double_loop({type(estimator).__name__})", x, y)
         if check_finite and not in_functorch_transform():
             bad = G.check_inputs(x=x, y=y)
             if bad is not None:
@@ -105,10 +108,17 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
             generator.set_state(state.generator)      # this run's directions stream
         with R.restored_on_error(state.x, generators=(generator,)), B.transaction():
             inner_batch = problem.check_inner_uses_y(state.x, state.y, inner_batch)
-            new = _step(state, inner_batch, outer_batch)
+            if S.is_sharded(state.x, state.y):
+                # a sharded model: the step on the local shards, the new state as DTensors
+                local, xl, yl, sx, sy = S.localize(problem, state.x, state.y)
+                hg_l = hypergrad(local, estimator, has_aux=True, check_finite=False)
+                new = _step(state._replace(x=xl, y=yl), inner_batch, outer_batch, local, hg_l)
+                new = new._replace(x=S.to_user(new.x, sx), y=S.to_user(new.y, sy))
+            else:
+                new = _step(state, inner_batch, outer_batch, problem, hg)
         return new if generator is None else new._replace(generator=generator.get_state())
 
-    def _step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
+    def _step(state: DoubleLoopState, inner_batch, outer_batch, problem, hg) -> DoubleLoopState:
         k = state.step
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y

@@ -30,6 +30,7 @@ from .. import buffers as B
 from .. import guards as G
 from .. import kernels as K
 from .. import randomness as R
+from .. import sharding as S
 from .. import tree as T
 from ..derivatives import (choose_pair_batched, exact_products, fd_delta_from_norms, fd_products, gradient,
                            second_order)
@@ -79,17 +80,17 @@ class SingleLoopState(NamedTuple):
     @property
     def x(self) -> T.Tree:
         """The outer iterate x_t as a dict of tensors (views of the flat buffer ``xf``)."""
-        return self.layout_x.unravel(self.xf)
+        return self.layout_x.user(self.xf)
 
     @property
     def y(self) -> T.Tree:
         """The inner iterate y_t as a dict of tensors (views of the flat buffer ``yf``)."""
-        return self.layout_y.unravel(self.yf)
+        return self.layout_y.user(self.yf)
 
     @property
     def v(self) -> T.Tree:
         """The linear-system iterate v_t (≈ [∇yy g]⁻¹∇y f) as a dict shaped like y."""
-        return self.layout_y.unravel(self.vf)
+        return self.layout_y.user(self.vf)
 
 
 # The radius warning: the projection bound in most of the last ~RADIUS_WINDOW steps.
@@ -97,7 +98,11 @@ RADIUS_WINDOW = 20
 
 
 def _flat(fn, lx, ly):
-    """fn on flat buffers: (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)."""
+    """fn on flat buffers: (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch); on sharded
+    layouts, the mean over ranks of fn at the DTensors the local shards make up
+    (torchbilevel.sharding.objective)."""
+    if lx.shards is not None or ly.shards is not None:
+        fn = S.objective(fn, lx, ly)
     return lambda xf, yf, batch: fn(lx.unravel(xf), ly.unravel(yf), batch)
 
 
@@ -141,8 +146,16 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         :class:`SingleLoopState`), so that ``torch.compile(algo.step, fullgraph=True)``
         never meets them (otherwise the first step takes them: a graph break there)."""
         check_params(x, y)
+        if not fd:
+            S.refuse(name, x, y)        # exact products: a double backward through FSDP's collectives
+        if S.is_sharded(x, y):
+            S.check_consistent("x", x)
+            S.check_consistent("y", y)
+            if v is not None and S.is_sharded(y) and not S.is_sharded(v):
+                raise ValueError("v: y is sharded (DTensors) but v is not: pass v shaped like y (its DTensors, "
+                                 "e.g. from a previous state.v) or leave it None")
         if check_finite and not in_functorch_transform():
-            bad = G.check_inputs(x=x, y=y, v=v)
+            bad = G.check_inputs(x=S.to_local(x), y=S.to_local(y), v=None if v is None else S.to_local(v))
             if bad is not None:
                 raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
         if inner_batch is not None and isinstance(inner_batch, collections.abc.Iterator):
@@ -177,10 +190,12 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             inner_batch = itertools.chain([first], inner_batch)
         g = _flat(g_flat_src, s.layout_x, s.layout_y)
         pair = s.pair_mode
+        if s.layout_x.shards is not None or s.layout_y.shards is not None:
+            pair = False                # no vmap over collectives: two evaluations
         state = R.capture(s.xf)
         try:
             if pair is None:
-                pair = choose_pair_batched(g, s.xf, s.yf, s.vf, first, fd_step(s.yf, s.vf))
+                pair = choose_pair_batched(g, s.xf, s.yf, s.vf, first, fd_step(s.yf, s.vf, s.layout_y))
             calls = B.train_buffer_calls()
             with torch.no_grad():
                 g(s.xf, s.yf, first)
@@ -189,13 +204,18 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             R.restore(state)
         return s._replace(pair_mode=bool(pair), gy_from_pair=not stats), inner_batch
 
-    def fd_step(yf, vf):
+    def fd_step(yf, vf, ly):
         """δ_t: the user's delta (a float), or the scale-aware default of derivatives.fd_delta
         as a 0-d float32/float64 tensor that stays on the device (no host read, so the step
         compiles to one graph and never synchronises; the same value as its float)."""
         if delta is not None:
             return delta
         work = torch.float64 if yf.dtype == torch.float64 else torch.float32
+        if ly.shards is not None:       # norms over every rank's shard: one all-reduce
+            sq = S.global_sqnorms(ly, yf, vf)
+            numel = sum(int(spec[2].numel()) if spec is not None else int(torch.Size(sh).numel())
+                        for spec, sh in zip(ly.shards, ly.shapes))
+            return fd_delta_from_norms(sq[0].sqrt().to(work), sq[1].sqrt().to(work), yf.dtype, numel)
         return fd_delta_from_norms(torch.linalg.vector_norm(yf.to(work)), torch.linalg.vector_norm(vf.to(work)),
                                    yf.dtype, yf.numel())
 
@@ -313,9 +333,10 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
     def _step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
         t = s.step
         first = t == 0
-        d_cur = fd_step(s.yf, s.vf) if fd else 1.0
+        d_cur = fd_step(s.yf, s.vf, s.layout_y) if fd else 1.0
         ev, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch)
-        if problem.reduce is not None:
+        sharded = s.layout_x.shards is not None or s.layout_y.shards is not None
+        if problem.reduce is not None and not sharded:   # (sharded: already the mean over ranks)
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
         rows_y, rows_x = stack_rows(ev)
@@ -326,6 +347,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             s.yf, s.vf, s.h_g, s.h_R, rows_y, beta=value_at(lr_y, t, "lr_y"), lam=value_at(lr_v, t, "lr_v"),
             eta_g=e(eta_y, "eta_y"), eta_R=e(eta_v, "eta_v"), scale_cur=1.0, scale_prev=1.0,
             fd=False, backend=backend)
+        if s.layout_y.shards is not None and radius != float("inf"):
+            w_sq = S.global_sqnorms(s.layout_y, w)[0].to(w_sq.dtype)     # ‖w‖² over every rank's shard
         v_new = K.project_ball(w, w_sq, radius, backend=backend)
         x_new, h_f = K.outer_update(
             s.xf, s.h_f, rows_x, alpha=value_at(lr_x, t, "lr_x"), eta_f=e(eta_x, "eta_x"),

@@ -1,0 +1,163 @@
+"""Sharded models (FSDP2 ``fully_shard``, gloo on CPU): the gradient-only methods on 2 and 4
+ranks, each rank holding 1/N of every batch and of every parameter, equal one unsharded
+process on the full batch (float64, 1e-6 relative) after 8 steps; their state holds only
+local shards; the methods that need a double backward refuse before any work; wrappers
+whose forward ignores the given tensors raise instead of returning a silent zero.
+
+One spawn per world size runs every scenario (process start-up dominates the cost).
+"""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torchbilevel as tb
+
+DT = torch.float64
+N, D_IN, H = 48, 6, 12          # samples (divisible by 2 and 4), inputs, hidden units
+STEPS = 8
+RTOL = 1e-6
+
+
+def data():
+    gen = torch.Generator().manual_seed(0)
+    X, Xv = torch.randn(N, D_IN, generator=gen, dtype=DT), torch.randn(N, D_IN, generator=gen, dtype=DT)
+    w = torch.randn(D_IN, generator=gen, dtype=DT)
+    return (X, torch.tanh(X @ w).unsqueeze(1)), (Xv, torch.tanh(Xv @ w).unsqueeze(1))
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(D_IN, H), torch.nn.Tanh(), torch.nn.Linear(H, 1)).to(DT)
+
+
+def problems(net):
+    """(a) x = a per-feature input scale (plain, replicated), y = every weight of the model;
+    (b) x = the body (sharded), y = the head (sharded)."""
+    def mse(x, y, b, scale=True):
+        inp = b[0] * torch.exp(x["s"]) if scale else b[0]
+        return ((tb.nn.call(net, {} if scale else x, y, inp) - b[1]) ** 2).mean()
+
+    ridge = lambda y: 1e-2 * sum((t ** 2).sum() for t in y.values())
+    scaled = tb.Bilevel(outer=lambda x, y, b: mse(x, y, b), inner=lambda x, y, b: mse(x, y, b) + ridge(y))
+    body = tb.Bilevel(outer=lambda x, y, b: mse(x, y, b, False),
+                      inner=lambda x, y, b: mse(x, y, b, False) + ridge(y))
+    return scaled, body
+
+
+def full(tree):
+    return {k: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for k, t in tree.items()}
+
+
+def scenarios(net, rank, world, dp):
+    (X, t), (Xv, tv) = data()
+    tr, va = (X[rank::world], t[rank::world]), (Xv[rank::world], tv[rank::world])
+    scaled, body = problems(net)
+    if dp:
+        scaled, body = tb.distributed.data_parallel(scaled), tb.distributed.data_parallel(body)
+    out = {}
+    params = dict(net.named_parameters())
+    y_all = {k: p.detach() for k, p in params.items()}
+    x_s = {"s": torch.zeros(D_IN, dtype=DT)}
+
+    algo = tb.fdehbo(scaled, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0)
+    s = algo.init(x_s, y_all)
+    for _ in range(STEPS):
+        s = algo.step(s, tr, va)
+    out["fdehbo x=scale y=model"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()},
+                                      **{"v/" + k: v for k, v in full(s.v).items()}}
+    out["fdehbo state elements"] = {"n": torch.tensor(float(sum(v.numel() for v in algo.state_dict(s).values()
+                                                                 if isinstance(v, torch.Tensor))))}
+    out["fdehbo kinds"] = {"dtensor": torch.tensor(float(all(hasattr(v, "full_tensor") for v in s.y.values())))}
+
+    x_b, y_h = tb.nn.split(net, inner=["2"])
+    algo = tb.fdehbo(body, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0)
+    s = algo.init(x_b, y_h)
+    for _ in range(STEPS):
+        s = algo.step(s, tr, va)
+    out["fdehbo x=body y=head"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
+
+    dx = tb.hypergrad(scaled, tb.first_order())(x_s, y_all, tr, va)
+    out["hypergrad first_order"] = full(dx)
+    algo = tb.double_loop(body, tb.first_order(), lr_x=0.1, inner_steps=3, lr_y=0.2)
+    s = algo.init(x_b, y_h)
+    for _ in range(STEPS):
+        s = algo.step(s, tr, va)
+    out["double_loop first_order x=body"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
+    return out
+
+
+def refusals(net, rank, world):
+    """Methods that differentiate twice: refuse before any work, naming the ones that run."""
+    scaled, _ = problems(net)
+    y_all = {k: p.detach() for k, p in net.named_parameters()}
+    x_s = {"s": torch.zeros(D_IN, dtype=DT)}
+    seen = []
+    for build in (lambda: tb.fmbo(scaled, lr_x=0.1, lr_y=0.1, lr_v=0.1, radius=1.0).init(x_s, y_all),
+                  lambda: tb.soba(scaled, lr_x=0.1, lr_y=0.1, lr_v=0.1).init(x_s, y_all),
+                  lambda: tb.hypergrad(scaled, tb.aid(tb.cg(3)))(x_s, y_all, None, None),
+                  lambda: tb.hypergrad(scaled, tb.itd(3, 0.1))(x_s, y_all, None, None),
+                  lambda: tb.double_loop(scaled, tb.stocbio(3, 0.1)).init(x_s, y_all),
+                  lambda: tb.mrbo(scaled, lr_x=0.1, lr_y=0.1).init(x_s, y_all)):
+        try:
+            build()
+            seen.append("no error")
+        except NotImplementedError as err:
+            seen.append("ok" if "tb.fdehbo" in str(err) else str(err))
+    return seen
+
+
+def _worker(rank, world, init_file, out_dir, dp):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        from torch.distributed.fsdp import fully_shard
+        torch.set_num_threads(1)
+        net = model()
+        fully_shard(net[0])
+        fully_shard(net)
+        res = scenarios(net, rank, world, dp)
+        res["refusals"] = refusals(net, rank, world)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(world, tmp_dir, dp=True):
+    mp.spawn(_worker, args=(world, os.path.join(tmp_dir, "rendezvous"), tmp_dir, dp), nprocs=world, join=True)
+    return [torch.load(os.path.join(tmp_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return scenarios(model(), 0, 1, dp=False)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gradient_only_methods_on_a_sharded_model_equal_one_process(world, reference, tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    ranks = run(world, str(tmp_path))
+    for name, ref in reference.items():
+        if name in ("fdehbo state elements", "fdehbo kinds"):
+            continue
+        for r, res in enumerate(ranks):
+            for k, v in ref.items():
+                torch.testing.assert_close(res[name][k], v, rtol=RTOL, atol=1e-9, msg=f"{name} {k} rank {r}")
+        assert any((v.abs() > 0).any() for v in ref.values() if v.numel()), name   # never a silent zero
+    for res in ranks:
+        # each rank's state holds its shards: at 2 ranks at most 0.6 of one process's elements
+        assert res["fdehbo state elements"]["n"] <= (0.6 if world == 2 else 0.4) * reference["fdehbo state elements"]["n"]
+        assert res["fdehbo kinds"]["dtensor"] == 1.0           # state.y: DTensors, like the user's y
+        assert res["refusals"] == ["ok"] * 6, res["refusals"]
+
+
+def test_wrappers_that_ignore_the_given_tensors_raise():
+    net = model()
+    x, y = tb.nn.split(net, inner=["2"])
+    compiled = torch.compile(net)
+    with pytest.raises(TypeError, match="_orig_mod"):
+        tb.nn.call(compiled, x, y, torch.zeros(2, D_IN, dtype=DT))

@@ -1,0 +1,224 @@
+"""Sharded parameters (FSDP2): the algorithm keeps local shards, the objectives see DTensors.
+
+A model sharded with ``torch.distributed.fsdp.fully_shard`` gives ``tb.nn.split`` dicts of
+DTensors (``Shard(0)`` over a 1-D mesh); each rank holds 1/N of every parameter.  The
+gradient-only methods keep only those local shards in their flat buffers (``tree.ravel``
+records each key's mesh, placements and global shape in ``Raveled.shards``): every
+iterate, momentum and previous iterate of the state is 1/N per rank.  At the objectives'
+boundary, :func:`objective` all-gathers the local views into full tensors for the user's
+objectives (the backward reduce-scatters the gradient to the shards; ``tb.nn.call`` runs
+the module at those tensors, bypassing FSDP's own hooks), and the value is the mean over
+ranks of the per-rank objectives:
+
+    g(x, y) = (1/N) Σ_r g_r(x, y)         (each rank r evaluates its own batch shard)
+
+so the gradient w.r.t. a local shard is that shard of (1/N) Σ_r ∇g_r — exactly the
+data-parallel mean of ``tb.distributed.data_parallel``, already reduced: a sharded run
+never all-reduces gradient rows again.  Entries that are plain tensors (replicated on every
+rank, such as hyperparameters) get their gradient summed over ranks in the backward (one
+all-reduce for all of them).  Whole-vector quantities (norms for the ball projection, the
+finite-difference step's rms(y)) are reduced with :func:`global_sqnorms`: one all-reduce
+for every norm a stage needs.
+
+Memory: an evaluation holds the full parameters of the dicts it is given (gathered at its
+start, freed after its backward), where FSDP's own forward holds one unit at a time; the
+algorithm's state (for FdeHBO nine vectors of the size of x and y) stays sharded.
+
+Only gradients are taken through these collectives: a second derivative (Hessian-vector
+products, unrolled differentiation) is refused before any work (:func:`refuse`).
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["is_sharded", "refuse", "objective", "global_sqnorms", "to_local", "GRADIENT_ONLY", "Specs", "specs",
+           "localize", "to_user"]
+
+GRADIENT_ONLY = ("tb.fdehbo", "tb.first_order() (in tb.hypergrad or tb.double_loop)")
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def is_sharded(*trees) -> bool:
+    """True if any value of the dicts (or any ``Raveled`` layout) holds a sharded tensor."""
+    for tr in trees:
+        if tr is None:
+            continue
+        if hasattr(tr, "shards"):
+            if tr.shards is not None:
+                return True
+        elif any(_is_dtensor(t) for t in tr.values()):
+            return True
+    return False
+
+
+def refuse(method: str, *trees) -> None:
+    """Raise before any work when ``method`` (which differentiates twice, or is not yet
+    written for shards) meets sharded parameters."""
+    if is_sharded(*trees):
+        raise NotImplementedError(
+            f"{method} on a sharded model (DTensor parameters from FSDP2's fully_shard): it needs "
+            f"second derivatives — FSDP's collectives have no double backward — or whole-vector "
+            f"steps not yet written for shards (PZOBO's directions, F2SA, BOME). Methods that run "
+            f"sharded: {', '.join(GRADIENT_ONLY)}.")
+
+
+def to_local(tree: Mapping[str, Tensor]) -> dict:
+    """Local shards of the DTensors of ``tree`` (other tensors as they are), detached."""
+    return {k: (t.to_local() if _is_dtensor(t) else t).detach() for k, t in tree.items()}
+
+
+def check_consistent(name: str, tree: Mapping[str, Tensor]) -> None:
+    """Every rank must shard the same keys: one all-reduce of a flag per key, before any
+    work.  ValueError naming ``name`` and the keys otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    flags = torch.tensor([float(_is_dtensor(t)) for t in tree.values()], dtype=torch.float64)
+    total = flags.clone()
+    dist.all_reduce(total)
+    world = dist.get_world_size()
+    bad = [k for k, f, s in zip(tree, flags.tolist(), total.tolist()) if s not in (0.0, float(world))]
+    if bad:
+        raise ValueError(f"{name}: {bad} are sharded (DTensor) on some ranks and plain tensors on others: "
+                         "shard the model the same way on every rank (fully_shard before tb.nn.split)")
+
+
+class Specs(NamedTuple):
+    """What :func:`objective` needs of a dict's layout: its keys and per-key shard specs
+    (``tree.Raveled`` has the same two fields)."""
+    keys: tuple
+    shards: Optional[tuple]
+
+
+def specs(tree: Mapping[str, Tensor]) -> Specs:
+    """The :class:`Specs` of a dict (None shards when it holds no DTensor)."""
+    if not any(_is_dtensor(t) for t in tree.values()):
+        return Specs(tuple(tree), None)
+    return Specs(tuple(tree), tuple((t.device_mesh, tuple(t.placements), t.shape, t.stride())
+                                    if _is_dtensor(t) else None for t in tree.values()))
+
+
+def to_user(local: Mapping[str, Tensor], spec: Specs) -> dict:
+    """Local tensors (keyed as ``spec``) wrapped back into DTensors where ``spec`` is sharded
+    (no communication, no autograd)."""
+    from torch.distributed.tensor import DTensor
+    if spec.shards is None:
+        return dict(local)
+    return {k: (local[k] if sh is None else DTensor.from_local(local[k].detach(), sh[0], sh[1], run_check=False,
+                                                                 shape=sh[2], stride=sh[3]))
+            for k, sh in zip(spec.keys, spec.shards)}
+
+
+def localize(problem, x, y):
+    """For dict-based methods (tb.hypergrad, tb.double_loop): ``(problem_l, x_l, y_l, sx, sy)``
+    — the problem on local shards (objectives as in :func:`objective`, no reduce hook: the
+    mean over ranks is already in the objectives), the local dicts and their specs."""
+    from .problem import Bilevel
+    sx, sy = specs(x), specs(y)
+    check_consistent("x", x)
+    check_consistent("y", y)
+    local = Bilevel(objective(problem.outer, sx, sy), objective(problem.inner, sx, sy))
+    return local, to_local(x), to_local(y), sx, sy
+
+
+class _MeanOverRanks(torch.autograd.Function):
+    """(1/N) Σ_r v_r in the forward; the backward gives each rank grad/N on its own v_r (the
+    cross-rank sum of the parameter gradients is done by the gathers' reduce-scatters)."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, group, world: int) -> Tensor:
+        ctx.world = world
+        out = value.detach().clone()
+        dist.all_reduce(out, group=group)
+        return out / world
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad / ctx.world, None, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity in the forward (a replicated tensor); its gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, group) -> Tensor:
+        ctx.group = group
+        return flat.view_as(flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def _user_views(local: Mapping[str, Tensor], shards: Optional[Sequence]):
+    """``local`` (a dict of local views, keyed as the layout) as the user's objectives see it:
+    full tensors for sharded keys — the local shard made a DTensor (no communication) and
+    all-gathered, whose backward reduce-scatters the gradient (summed over ranks) back to
+    the shard.  The objectives see plain tensors, so their own arithmetic on y (a ridge
+    term) needs nothing distributed."""
+    from torch.distributed.tensor import DTensor, Partial
+    if shards is None:
+        return dict(local)
+    out = {}
+    for (k, t), spec in zip(local.items(), shards):
+        if spec is None:
+            out[k] = t
+        else:
+            mesh, placements, shape, stride = spec
+            d = DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+            out[k] = d.full_tensor(grad_placements=[Partial()] * len(placements))
+    return out
+
+
+def objective(fn, lx, ly):
+    """``(x_local, y_local, batch) -> (1/N) Σ_r fn_r(x, y, batch)``: ``fn`` of the user (taking
+    dicts of DTensors, evaluated through ``tb.nn.call``) on the local views of the layouts
+    ``lx``, ``ly`` (``tree.Raveled`` with ``shards``).  Its gradient w.r.t. the local views is
+    the local part of the mean gradient over ranks (module docstring)."""
+    group = None
+    world = dist.get_world_size(group)
+
+    def sharded_fn(x, y, batch):
+        d = {"x": dict(x), "y": dict(y)}
+        rep = [(w, k) for w, lay in (("x", lx), ("y", ly))
+               for k, spec in zip(lay.keys, lay.shards or [None] * len(lay.keys)) if spec is None]
+        if rep and torch.is_grad_enabled():
+            # replicated entries: one identity whose backward sums their gradients over ranks
+            leaves = [d[w][k] for w, k in rep]
+            flat = _SumGradOverRanks.apply(torch.cat([t.reshape(-1) for t in leaves]), group)
+            pos = 0
+            for (w, k), t in zip(rep, leaves):
+                d[w][k] = flat[pos:pos + t.numel()].view(t.shape)
+                pos += t.numel()
+        x, y = d["x"], d["y"]
+        value = fn(_user_views(x, lx.shards), _user_views(y, ly.shards), batch)
+        return _MeanOverRanks.apply(value, group, world)
+    sharded_fn.__qualname__ = f"sharded({getattr(fn, '__qualname__', 'fn')})"
+    return sharded_fn
+
+
+def global_sqnorms(layout, *flats: Tensor) -> Tensor:
+    """Squared norms over all ranks of flat buffers laid out by ``layout`` (a
+    ``tree.Raveled``), as one float64 tensor (one all-reduce for all of them): sharded
+    entries summed over ranks, replicated entries counted once."""
+    sq = torch.stack([f.double().pow(2).sum() for f in flats])
+    if layout.shards is None or not (dist.is_available() and dist.is_initialized()):
+        return sq
+    world = dist.get_world_size()
+    rep = [(o, int(torch.Size(s).numel())) for s, o, spec in zip(layout.shapes, layout.offsets, layout.shards)
+           if spec is None]
+    if rep:
+        # replicated entries appear on every rank: count them once in the sum over ranks
+        sq = sq - (1.0 - 1.0 / world) * torch.stack(
+            [sum(f[o:o + n].double().pow(2).sum() for o, n in rep) for f in flats])
+    dist.all_reduce(sq)
+    return sq
