@@ -69,6 +69,18 @@ def scenarios(net, rank, world, dp):
         s = algo.step(s, tr, va)
     out["fdehbo x=scale y=model"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()},
                                       **{"v/" + k: v for k, v in full(s.v).items()}}
+    # resume per rank through a newly built algorithm: the same as the straight run
+    algo2 = tb.fdehbo(scaled, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0)
+    r = algo2.init(x_s, y_all)
+    for _ in range(STEPS // 2):
+        r = algo2.step(r, tr, va)
+    path = os.path.join(os.environ.get("TB_SHARD_TMP", "."), f"state{rank}.pt")
+    torch.save(algo2.state_dict(r), path)
+    algo3 = tb.fdehbo(scaled, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0)
+    r = algo3.load_state_dict(torch.load(path, weights_only=True))
+    for _ in range(STEPS - STEPS // 2):
+        r = algo3.step(r, tr, va)
+    out["fdehbo resumed"] = {**full(r.x), **{"y/" + k: v for k, v in full(r.y).items()}}
     out["fdehbo state elements"] = {"n": torch.tensor(float(sum(v.numel() for v in algo.state_dict(s).values()
                                                                  if isinstance(v, torch.Tensor))))}
     out["fdehbo kinds"] = {"dtensor": torch.tensor(float(all(hasattr(v, "full_tensor") for v in s.y.values())))}
@@ -113,6 +125,7 @@ def refusals(net, rank, world):
 def _worker(rank, world, init_file, out_dir, dp):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+    os.environ["TB_SHARD_TMP"] = out_dir
     try:
         from torch.distributed.fsdp import fully_shard
         torch.set_num_threads(1)
@@ -132,7 +145,8 @@ def run(world, tmp_dir, dp=True):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
+    os.environ["TB_SHARD_TMP"] = str(tmp_path_factory.mktemp("ref"))
     return scenarios(model(), 0, 1, dp=False)
 
 

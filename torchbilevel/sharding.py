@@ -128,6 +128,44 @@ def localize(problem, x, y):
     return local, to_local(x), to_local(y), sx, sy
 
 
+def layout_to_dict(lay) -> dict:
+    """A ``tree.Raveled`` as plain data (``torch.load(weights_only=True)`` reads it): keys,
+    local shapes, offsets, numel and, for a sharded layout, each key's placements, global
+    shape and stride (the mesh is rebuilt on load: a 1-D mesh over the default group, as
+    ``fully_shard`` makes by default)."""
+    d = {"keys": list(lay.keys), "shapes": [list(sh) for sh in lay.shapes], "offsets": list(lay.offsets),
+         "numel": lay.numel}
+    if lay.shards is not None:
+        def place(p):
+            return ["shard", int(p.dim)] if hasattr(p, "dim") and type(p).__name__ == "Shard" else ["replicate"]
+        d["shards"] = [None if sh is None else {"device": sh[0].device_type, "placements": [place(p) for p in sh[1]],
+                                                "shape": list(sh[2]), "stride": list(sh[3])}
+                       for sh in lay.shards]
+    return d
+
+
+def layout_from_dict(d: dict):
+    """The inverse of :func:`layout_to_dict` (on every rank of the same world size)."""
+    from .tree import Raveled
+    shards = None
+    if d.get("shards") is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard
+        meshes = {}
+
+        def mesh(device):
+            if device not in meshes:
+                meshes[device] = init_device_mesh(device, (dist.get_world_size(),))
+            return meshes[device]
+        shards = tuple(None if sh is None else
+                       (mesh(sh["device"]), tuple(Shard(p[1]) if p[0] == "shard" else Replicate()
+                                                  for p in sh["placements"]),
+                        torch.Size(sh["shape"]), tuple(sh["stride"]))
+                       for sh in d["shards"])
+    return Raveled(tuple(d["keys"]), tuple(torch.Size(sh) for sh in d["shapes"]), tuple(d["offsets"]), d["numel"],
+                   shards)
+
+
 class _MeanOverRanks(torch.autograd.Function):
     """(1/N) Σ_r v_r in the forward; the backward gives each rank grad/N on its own v_r (the
     cross-rank sum of the parameter gradients is done by the gathers' reduce-scatters)."""

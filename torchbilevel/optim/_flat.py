@@ -83,17 +83,14 @@ def checkpoint(cls, name: str):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         d = {k: getattr(s, k) for k in cls._fields if k not in layouts}
         for k in layouts:
-            lay = getattr(s, k)
-            d[k] = {"keys": list(lay.keys), "shapes": [list(sh) for sh in lay.shapes],
-                    "offsets": list(lay.offsets), "numel": lay.numel}
+            d[k] = S.layout_to_dict(getattr(s, k))
         d["algorithm"] = name
         return d
 
     def load_state_dict(d: dict):
         if not isinstance(d, dict) or d.get("algorithm") != name:
             raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
-        lay = {k: T.Raveled(tuple(d[k]["keys"]), tuple(torch.Size(sh) for sh in d[k]["shapes"]),
-                            tuple(d[k]["offsets"]), d[k]["numel"]) for k in layouts}
+        lay = {k: S.layout_from_dict(d[k]) for k in layouts}
         return cls(**{k: d[k] for k in cls._fields if k not in layouts}, **lay)
 
     return state_dict, load_state_dict

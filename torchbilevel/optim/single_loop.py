@@ -377,17 +377,14 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         """Plain dicts, tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
         d = {k: getattr(s, k) for k in SingleLoopState._fields if not k.startswith("layout")}
         for k in ("layout_x", "layout_y"):
-            lay = getattr(s, k)
-            d[k] = {"keys": list(lay.keys), "shapes": [list(sh) for sh in lay.shapes],
-                    "offsets": list(lay.offsets), "numel": lay.numel}
+            d[k] = S.layout_to_dict(getattr(s, k))
         d["algorithm"] = name
         return d
 
     def load_state_dict(d: dict) -> SingleLoopState:
         if not isinstance(d, dict) or d.get("algorithm") != name:
             raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
-        lay = {k: T.Raveled(tuple(d[k]["keys"]), tuple(torch.Size(sh) for sh in d[k]["shapes"]),
-                            tuple(d[k]["offsets"]), d[k]["numel"]) for k in ("layout_x", "layout_y")}
+        lay = {k: S.layout_from_dict(d[k]) for k in ("layout_x", "layout_y")}
         # (checkpoints older than the decision fields leave them at their defaults: undecided)
         fields = {k: d[k] for k in SingleLoopState._fields if not k.startswith("layout") and k in d}
         return SingleLoopState(**fields, **lay)
