@@ -47,6 +47,11 @@ def _method_name(estimator) -> str:
         type(estimator).__name__, type(estimator).__name__)
 
 
+def _twice(estimator) -> bool:
+    """Does the estimator differentiate g twice (AID, ITD, stocBiO: yes; PZOBO, first-order: no)?"""
+    return not (isinstance(estimator, FirstOrder) or getattr(estimator, "perturbs_x", False))
+
+
 def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True) -> Callable:
     """Return a function computing the hypergradient ∇Φ(x) with ``estimator``.
 
@@ -107,7 +112,8 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         # the random stream (global and the estimator's generator) rewound
         with R.restored_on_error(x, y, generators=(generator,)), B.frozen():
             inner_batch = problem.check_inner_uses_y(x, y, inner_batch)
-            with G.tracing(check_finite) as trace, second_order(_method_name(estimator)):
+            with G.tracing(check_finite) as trace, second_order(_method_name(estimator),
+                                                                 math_attention=_twice(estimator)):
                 if can_lift(problem, estimator, inner_batch, outer_batch):   # declared features
                     dx, aux = lifted_estimate(problem, estimator, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
                 else:

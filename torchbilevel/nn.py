@@ -14,6 +14,7 @@ optimiser through ``.grad``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -23,7 +24,7 @@ from torch.func import functional_call
 
 from . import buffers as B
 from . import tree as T
-from .derivatives.second_order import cudnn_rnns_seen, note_cudnn_rnn
+from .derivatives.second_order import cudnn_rnns_seen, math_attention_active, note_cudnn_rnn
 
 __all__ = ["split", "call", "write_grad", "load", "features", "Features", "cudnn_rnns_seen"]
 
@@ -51,15 +52,30 @@ def split(module: nn.Module, inner: Selector, include_frozen: bool = False) -> T
 
     Returns detached aliases of the parameters (same storage, no autograd history): an
     optimiser step on the module is visible in x, and nothing here modifies the module.
+
+    Tied weights (one tensor under several names, e.g. an output head tied to the token
+    embedding): the tensor is selected when any of its names matches ``inner`` and appears
+    once, under the name that matched (else under its first name, in x).  :func:`call`
+    applies it to every tied use.  A tie that straddles the split (head in y, the embedding
+    in the body) is legal: both uses see y's tensor, so the body's embedding moves with y.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     pick = _selector(inner)
     x, y = {}, {}
-    for name, p in module.named_parameters():
+    # tied weights (a GPT head sharing the embedding): one tensor, several names; it is
+    # selected when any of its names matches, and lands on that side under the matching name
+    names = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), (p, []))[1].append(name)
+    for p, ns in names.values():
         if not (p.requires_grad or include_frozen):
             continue
-        (y if pick(name, p) else x)[name] = p.detach()
+        chosen = [n for n in ns if pick(n, p)]
+        if chosen:
+            y[chosen[0]] = p.detach()
+        else:
+            x[ns[0]] = p.detach()
     if not y:
         raise ValueError("inner selected no parameter of the module: check the names or the predicate")
     if not x:
@@ -86,6 +102,8 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     check_unwrapped(module)
     params = {**dict(module.named_buffers()), **(buffers or {}), **gathered(x), **gathered(y)}
     _note_cudnn_rnns(module)
+    if math_attention_active():
+        _warn_math_attention(module)
     with without_fsdp_hooks(module):
         if not module.training:
             return functional_call(module, params, args, kwargs)
@@ -118,6 +136,25 @@ def check_unwrapped(module: nn.Module) -> None:
                         f"parameters and ignores the x and y given, which would make every hypergradient "
                         f"zero. Pass {inner} to tb.nn.split and tb.nn.call (data parallelism: "
                         f"tb.distributed.data_parallel(problem); sharding: fully_shard)")
+
+
+_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# process-wide on purpose: the warning is given once per process, whichever thread meets it
+_WARNED_MATH_ATTENTION = [False]
+
+
+def _warn_math_attention(module: nn.Module) -> None:
+    if _WARNED_MATH_ATTENTION[0]:
+        return
+    if module not in _ATTENTION:
+        _ATTENTION[module] = any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
+    if _ATTENTION[module]:
+        _WARNED_MATH_ATTENTION[0] = True
+        warnings.warn("an attention module is differentiated twice (a second-order method): "
+                      "scaled_dot_product_attention runs on its math backend there, since the flash and "
+                      "memory-efficient kernels have no double backward. It materialises the attention "
+                      "matrix (batch x heads x L x S) and is slower; the gradient-only methods (tb.fdehbo, "
+                      "tb.pzobo, tb.first_order()) keep the fast kernels.", RuntimeWarning, stacklevel=3)
 
 
 def gathered(params: Mapping[str, Tensor]) -> dict:
@@ -221,8 +258,9 @@ def _call_frozen(module, params, args, kwargs):
 def write_grad(module: nn.Module, grads: Mapping[str, Tensor], accumulate: bool = False) -> None:
     """Write a hypergradient into the ``.grad`` of the named parameters of ``module`` so that
     any ``torch.optim`` optimiser takes the outer step.  ``accumulate=True`` adds to an
-    existing ``.grad``.  Raises KeyError for a name the module does not have."""
-    params = dict(module.named_parameters())
+    existing ``.grad``.  Raises KeyError for a name the module does not have (any name of
+    a tied tensor is accepted)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
     for name, g in grads.items():
         if name not in params:
             raise KeyError(f"module has no parameter named {name!r}")
@@ -238,8 +276,9 @@ def write_grad(module: nn.Module, grads: Mapping[str, Tensor], accumulate: bool 
 
 @torch.no_grad()
 def load(module: nn.Module, values: Mapping[str, Tensor]) -> None:
-    """Copy ``values`` (e.g. an inner solution y) into the module's parameters in place."""
-    params = dict(module.named_parameters())
+    """Copy ``values`` (e.g. an inner solution y) into the module's parameters in place
+    (any name of a tied tensor is accepted)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
     for name, v in values.items():
         if name not in params:
             raise KeyError(f"module has no parameter named {name!r}")

@@ -5,8 +5,9 @@ read here: the record lives in this lower layer so that derivatives never import
 from __future__ import annotations
 
 import contextlib
+import threading
 
-__all__ = ["second_order", "note_cudnn_rnn", "cudnn_rnns_seen"]
+__all__ = ["second_order", "note_cudnn_rnn", "cudnn_rnns_seen", "math_attention_active"]
 
 # Type names of RNN modules evaluated on CUDA with cuDNN in this process.  Process-wide on
 # purpose: it only words an error message, and a module type seen by any thread is worth
@@ -29,15 +30,46 @@ def cudnn_rnns_seen() -> list:
 _NO_DOUBLE_BACKWARD = ("_cudnn_rnn_backward", "once_differentiable", "differentiate twice", "double backward")
 
 
+_LOCAL = threading.local()       # per thread: inside a second_order(math_attention=True) block
+
+
+def math_attention_active() -> bool:
+    """True inside a block whose evaluations are differentiated twice (torchbilevel.nn.call
+    reads it to warn once about attention modules)."""
+    return getattr(_LOCAL, "math", False)
+
+
 @contextlib.contextmanager
-def second_order(method: str):
+def _math_attention(enabled: bool):
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    old = getattr(_LOCAL, "math", False)
+    _LOCAL.math = True
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _LOCAL.math = old
+
+
+@contextlib.contextmanager
+def second_order(method: str, math_attention: bool = True):
     """Context for a method that differentiates a gradient again (AID, ITD, stocBiO, FMBO):
     an objective without a double backward — a cuDNN RNN on CUDA (nn.LSTM, nn.GRU, nn.RNN),
     a custom ``@once_differentiable`` function — fails deep inside autograd; this turns
     that failure into a RuntimeError naming the module type (seen by
-    :func:`torchbilevel.nn.call`), the method and the methods that need no double backward."""
+    :func:`torchbilevel.nn.call`), the method and the methods that need no double backward.
+
+    ``math_attention``: evaluations inside run ``F.scaled_dot_product_attention`` on its math
+    backend (``torch.nn.attention.sdpa_kernel``): the flash and memory-efficient kernels
+    (flash is the default on CPU too) have no double backward, the math backend has — at the
+    cost of materialising the (L x S) attention matrix per head (``tb.nn.call`` warns once
+    when it evaluates an attention module here)."""
     try:
-        yield
+        with _math_attention(math_attention):
+            yield
     except RuntimeError as err:
         text = str(err)
         if not (any(m in text for m in _NO_DOUBLE_BACKWARD)
