@@ -18,7 +18,7 @@ LAYERS = {
     "tracing": 0, "tree": 0, "kernels": 0,
     "randomness": 1, "buffers": 1, "guards": 1,
     "problem": 2,
-    "derivatives": 3, "solvers": 3, "features": 3, "distributed": 3, "sharding": 3,
+    "derivatives": 3, "solvers": 3, "features": 3, "distributed": 3, "sharding": 3, "wrappers": 3,
     "nn": 4, "estimators": 4,
     "hypergrad": 5, "tasks": 5,
     "optim": 6,

@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torchbilevel as tb
 import torchbilevel.nn as tbnn
+import torchbilevel.wrappers as tbwr
 
 DT = torch.float64
 V, E = 7, 4
@@ -133,7 +134,7 @@ def test_exact_methods_run_attention_on_the_math_backend(method):
             return s.x
         est = {"aid": tb.aid(tb.cg(5)), "itd": tb.itd(3, 0.1), "stocbio": tb.stocbio(3, 0.1)}[method]
         return tb.hypergrad(prob, est)(x, y, (X, t), (X, t))
-    tbnn._WARNED_MATH_ATTENTION[0] = False
+    tbwr._WARNED_MATH_ATTENTION[0] = False
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         got = run()

@@ -13,8 +13,6 @@ optimiser through ``.grad``.
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 import weakref
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -25,6 +23,7 @@ from torch.func import functional_call
 from . import buffers as B
 from . import tree as T
 from .derivatives.second_order import cudnn_rnns_seen, math_attention_active, note_cudnn_rnn
+from .wrappers import check_unwrapped, gathered, warn_math_attention, without_fsdp_hooks
 
 __all__ = ["split", "call", "write_grad", "load", "features", "Features", "cudnn_rnns_seen"]
 
@@ -103,7 +102,7 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     params = {**dict(module.named_buffers()), **(buffers or {}), **gathered(x), **gathered(y)}
     _note_cudnn_rnns(module)
     if math_attention_active():
-        _warn_math_attention(module)
+        warn_math_attention(module)
     with without_fsdp_hooks(module):
         if not module.training:
             return functional_call(module, params, args, kwargs)
@@ -114,87 +113,6 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
             B.journal(t for n, t in params.items() if n in _buffer_names(module))
             return functional_call(module, params, args, kwargs)
         return _call_frozen(module, params, args, kwargs)
-
-
-def check_unwrapped(module: nn.Module) -> None:
-    """TypeError for wrappers whose forward does not see the tensors functional_call gives
-    (it would evaluate the wrapper's own parameters: a silent zero hypergradient)."""
-    inner = None
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        inner, how = "module.module", "DistributedDataParallel"
-    elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
-        inner, how = "module._orig_mod", "a torch.compile'd module"
-    else:
-        try:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-        except ImportError:      # pragma: no cover - builds without distributed
-            FullyShardedDataParallel = ()
-        if FullyShardedDataParallel and isinstance(module, FullyShardedDataParallel):
-            inner, how = "fully_shard(model) (FSDP2) instead of FullyShardedDataParallel", "FSDP1"
-    if inner is not None:
-        raise TypeError(f"tb.nn.call got {how}: its forward evaluates its own (flattened or synchronised) "
-                        f"parameters and ignores the x and y given, which would make every hypergradient "
-                        f"zero. Pass {inner} to tb.nn.split and tb.nn.call (data parallelism: "
-                        f"tb.distributed.data_parallel(problem); sharding: fully_shard)")
-
-
-_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-# process-wide on purpose: the warning is given once per process, whichever thread meets it
-_WARNED_MATH_ATTENTION = [False]
-
-
-def _warn_math_attention(module: nn.Module) -> None:
-    if _WARNED_MATH_ATTENTION[0]:
-        return
-    if module not in _ATTENTION:
-        _ATTENTION[module] = any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
-    if _ATTENTION[module]:
-        _WARNED_MATH_ATTENTION[0] = True
-        warnings.warn("an attention module is differentiated twice (a second-order method): "
-                      "scaled_dot_product_attention runs on its math backend there, since the flash and "
-                      "memory-efficient kernels have no double backward. It materialises the attention "
-                      "matrix (batch x heads x L x S) and is slower; the gradient-only methods (tb.fdehbo, "
-                      "tb.pzobo, tb.first_order()) keep the fast kernels.", RuntimeWarning, stacklevel=3)
-
-
-def gathered(params: Mapping[str, Tensor]) -> dict:
-    """DTensor values all-gathered into full tensors (backward: reduce-scatter, summed over
-    ranks — torchbilevel.sharding scales by 1/N); other tensors as they are."""
-    out = {}
-    for k, t in params.items():
-        if hasattr(t, "full_tensor") and hasattr(t, "placements"):
-            from torch.distributed.tensor import Partial
-            t = t.full_tensor(grad_placements=[Partial()] * len(t.placements))
-        out[k] = t
-    return out
-
-
-def _is_fsdp_hook(h) -> bool:
-    return type(getattr(h, "__self__", None)).__name__ == "FSDPState"
-
-
-@contextlib.contextmanager
-def without_fsdp_hooks(module: nn.Module):
-    """Context: FSDP2's forward hooks (all-gather of its own sharded parameters, reshard)
-    removed from every FSDP module in ``module`` and put back afterwards, so that the
-    forward runs on the tensors functional_call gives."""
-    saved = []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:          # pragma: no cover
-        FSDPModule = None
-    if FSDPModule is not None and isinstance(module, nn.Module):
-        for mod in module.modules():
-            if isinstance(mod, FSDPModule):
-                for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
-                    drop = [k for k, h in hooks.items() if _is_fsdp_hook(h)]
-                    saved.append((hooks, [(k, hooks.pop(k)) for k in drop]))
-    try:
-        yield
-    finally:
-        for hooks, items in saved:
-            for k, h in items:
-                hooks[k] = h
 
 
 # module -> type names of its RNN submodules (nn.LSTM, nn.GRU, nn.RNN)

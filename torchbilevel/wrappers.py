@@ -1,0 +1,96 @@
+"""What stands between ``tb.nn.call`` and the module's forward: wrappers whose forward ignores
+the tensors functional_call gives (refused), FSDP2's hooks (bypassed for the call), DTensor
+values (all-gathered), and attention differentiated twice (warned about once).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_unwrapped", "gathered", "without_fsdp_hooks", "warn_math_attention"]
+
+
+def check_unwrapped(module: nn.Module) -> None:
+    """TypeError for wrappers whose forward does not see the tensors functional_call gives
+    (it would evaluate the wrapper's own parameters: a silent zero hypergradient)."""
+    inner = None
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        inner, how = "module.module", "DistributedDataParallel"
+    elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        inner, how = "module._orig_mod", "a torch.compile'd module"
+    else:
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:      # pragma: no cover - builds without distributed
+            FullyShardedDataParallel = ()
+        if FullyShardedDataParallel and isinstance(module, FullyShardedDataParallel):
+            inner, how = "fully_shard(model) (FSDP2) instead of FullyShardedDataParallel", "FSDP1"
+    if inner is not None:
+        raise TypeError(f"tb.nn.call got {how}: its forward evaluates its own (flattened or synchronised) "
+                        f"parameters and ignores the x and y given, which would make every hypergradient "
+                        f"zero. Pass {inner} to tb.nn.split and tb.nn.call (data parallelism: "
+                        f"tb.distributed.data_parallel(problem); sharding: fully_shard)")
+
+
+_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# process-wide on purpose: the warning is given once per process, whichever thread meets it
+_WARNED_MATH_ATTENTION = [False]
+
+
+def warn_math_attention(module: nn.Module) -> None:
+    if _WARNED_MATH_ATTENTION[0]:
+        return
+    if module not in _ATTENTION:
+        _ATTENTION[module] = any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
+    if _ATTENTION[module]:
+        _WARNED_MATH_ATTENTION[0] = True
+        warnings.warn("an attention module is differentiated twice (a second-order method): "
+                      "scaled_dot_product_attention runs on its math backend there, since the flash and "
+                      "memory-efficient kernels have no double backward. It materialises the attention "
+                      "matrix (batch x heads x L x S) and is slower; the gradient-only methods (tb.fdehbo, "
+                      "tb.pzobo, tb.first_order()) keep the fast kernels.", RuntimeWarning, stacklevel=3)
+
+
+def gathered(params: Mapping[str, Tensor]) -> dict:
+    """DTensor values all-gathered into full tensors (backward: reduce-scatter, summed over
+    ranks — torchbilevel.sharding scales by 1/N); other tensors as they are."""
+    out = {}
+    for k, t in params.items():
+        if hasattr(t, "full_tensor") and hasattr(t, "placements"):
+            from torch.distributed.tensor import Partial
+            t = t.full_tensor(grad_placements=[Partial()] * len(t.placements))
+        out[k] = t
+    return out
+
+
+def _is_fsdp_hook(h) -> bool:
+    return type(getattr(h, "__self__", None)).__name__ == "FSDPState"
+
+
+@contextlib.contextmanager
+def without_fsdp_hooks(module: nn.Module):
+    """Context: FSDP2's forward hooks (all-gather of its own sharded parameters, reshard)
+    removed from every FSDP module in ``module`` and put back afterwards, so that the
+    forward runs on the tensors functional_call gives."""
+    saved = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:          # pragma: no cover
+        FSDPModule = None
+    if FSDPModule is not None and isinstance(module, nn.Module):
+        for mod in module.modules():
+            if isinstance(mod, FSDPModule):
+                for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+                    drop = [k for k, h in hooks.items() if _is_fsdp_hook(h)]
+                    saved.append((hooks, [(k, hooks.pop(k)) for k in drop]))
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            for k, h in items:
+                hooks[k] = h
