@@ -94,6 +94,16 @@ def scenarios(net, rank, world, dp):
 
     dx = tb.hypergrad(scaled, tb.first_order())(x_s, y_all, tr, va)
     out["hypergrad first_order"] = full(dx)
+    for dist_name in ("gaussian", "sphere"):
+        est = tb.pzobo(3, 0.2, directions=4, mu=1e-3, generator=torch.Generator().manual_seed(5),
+                       distribution=dist_name)
+        out[f"hypergrad pzobo {dist_name} x=body"] = full(tb.hypergrad(body, est)(x_b, y_h, tr, va))
+    algo = tb.double_loop(body, tb.pzobo(3, 0.2, directions=3, mu=1e-3, generator=torch.Generator().manual_seed(6)),
+                          lr_x=0.1, inner_steps=1, lr_y=0.2)
+    s = algo.init(x_b, y_h)
+    for _ in range(STEPS):
+        s = algo.step(s, tr, va)
+    out["double_loop pzobo x=body"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
     algo = tb.double_loop(body, tb.first_order(), lr_x=0.1, inner_steps=3, lr_y=0.2)
     s = algo.init(x_b, y_h)
     for _ in range(STEPS):
@@ -119,6 +129,22 @@ def refusals(net, rank, world):
             seen.append("no error")
         except NotImplementedError as err:
             seen.append("ok" if "tb.fdehbo" in str(err) else str(err))
+    # bad input: a sharded y with an unsharded v; a model sharded on some ranks only
+    algo = tb.fdehbo(tb.distributed.data_parallel(scaled), lr_x=0.1, lr_y=0.1, lr_v=0.1, radius=1.0)
+    try:
+        algo.init(x_s, y_all, v={k: torch.zeros(tuple(t.shape), dtype=DT) for k, t in y_all.items()})
+        seen.append("no error")
+    except ValueError as err:
+        seen.append("ok" if str(err).startswith("v:") else str(err))
+    from torch.distributed.fsdp import fully_shard
+    half = model()
+    if rank == 0:
+        fully_shard(half)
+    try:
+        algo.init(x_s, {k: p.detach() for k, p in half.named_parameters()})
+        seen.append("no error")
+    except ValueError as err:
+        seen.append("ok" if "some ranks" in str(err) else str(err))
     return seen
 
 
@@ -166,7 +192,7 @@ def test_gradient_only_methods_on_a_sharded_model_equal_one_process(world, refer
         # each rank's state holds its shards: at 2 ranks at most 0.6 of one process's elements
         assert res["fdehbo state elements"]["n"] <= (0.6 if world == 2 else 0.4) * reference["fdehbo state elements"]["n"]
         assert res["fdehbo kinds"]["dtensor"] == 1.0           # state.y: DTensors, like the user's y
-        assert res["refusals"] == ["ok"] * 6, res["refusals"]
+        assert res["refusals"] == ["ok"] * 8, res["refusals"]
 
 
 def test_wrappers_that_ignore_the_given_tensors_raise():

@@ -93,7 +93,7 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
                       v0: Optional[Mapping[str, Tensor]] = None):
         check_params(x, y)
         if S.is_sharded(x, y):
-            if not isinstance(estimator, FirstOrder):
+            if _twice(estimator):
                 S.refuse(_method_name(estimator), x, y)
             # a sharded model: the estimator on the local shards, the result as DTensors
             local, xl, yl, sx, sy = S.localize(problem, x, y)
@@ -111,7 +111,7 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
         # a pure transform: module buffers (BatchNorm statistics) untouched, and on failure
         # the random stream (global and the estimator's generator) rewound
         with R.restored_on_error(x, y, generators=(generator,)), B.frozen():
-            inner_batch = problem.check_inner_uses_y(x, y, inner_batch)
+            inner_batch, outer_batch = problem.check_uses(x, y, inner_batch, outer_batch)
             with G.tracing(check_finite) as trace, second_order(_method_name(estimator),
                                                                  math_attention=_twice(estimator)):
                 if can_lift(problem, estimator, inner_batch, outer_batch):   # declared features

@@ -73,7 +73,7 @@ class Bilevel:
     ``f`` / ``g`` of ``(z, y, batch)``.
     """
     __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce", "features", "head_outer", "head_inner",
-                 "_inner_uses_y")
+                 "_inner_uses_y", "_uses_x", "shards")
 
     def __init__(self, outer: Objective, inner: Objective, *, features: Optional[Callable] = None,
                  reduce: Optional[Callable[[Tensor], Tensor]] = None):
@@ -97,6 +97,10 @@ class Bilevel:
             self.inner = _checked_scalar(_composed(inner, features), "inner")
         self.reduce = reduce
         self._inner_uses_y = False
+        self._uses_x = False
+        # (Specs of x, Specs of y) when the objectives run on local shards of a sharded model
+        # (set by torchbilevel.sharding.localize), else None
+        self.shards = None
 
     def with_reduce(self, reduce) -> "Bilevel":
         """The same problem (objectives and features) with another data-parallel hook."""
@@ -110,27 +114,56 @@ class Bilevel:
         A zero ∇y g at an optimum is legitimate and passes: only the graph is inspected.
 
         Returns the batch to use: an iterator's first sample is put back in front of it."""
-        if self._inner_uses_y or in_functorch_transform() or torch.compiler.is_compiling():
-            return inner_batch
+        return self.check_uses(x, y, inner_batch, None)[0]
+
+    def check_uses(self, x, y, inner_batch, outer_batch):
+        """:meth:`check_inner_uses_y`, and (when ``outer_batch`` is not None) ValueError if
+        neither objective has a gradient path from x: a hypergradient would be a silent zero
+        — the sign of a model wrapper whose forward ignores the tensors it is given.  Once per
+        problem; an f evaluation only when g does not use x.  Returns the two batches to use
+        (iterators' first samples put back)."""
+        if self._inner_uses_y and (outer_batch is None or self._uses_x) or in_functorch_transform() \
+                or torch.compiler.is_compiling():
+            return inner_batch, outer_batch
         first = draw(inner_batch, "inner_batch")
         if isinstance(inner_batch, collections.abc.Iterator):
             inner_batch = itertools.chain([first], inner_batch)
         x, y = _gathered(x), _gathered(y)        # a sharded model: the objectives see full tensors
+        xs = {k: t.detach().requires_grad_(True) for k, t in x.items()}
         ys = {k: t.detach().requires_grad_(True) for k, t in y.items()}
         state = randomness.capture(x, y)
         try:
             with torch.enable_grad(), buffers.frozen():
-                val = self.inner({k: t.detach() for k, t in x.items()}, ys, first)
-                used = val.requires_grad and any(
-                    gi is not None for gi in torch.autograd.grad(val, list(ys.values()), allow_unused=True))
+                val = self.inner(xs, ys, first)
+                gs = (torch.autograd.grad(val, list(ys.values()) + list(xs.values()), allow_unused=True)
+                      if val.requires_grad else [None] * (len(ys) + len(xs)))
+                used = any(gi is not None for gi in gs[:len(ys)])
+                uses_x = any(gi is not None for gi in gs[len(ys):])
+                if used and not uses_x and outer_batch is not None:
+                    ob = draw(outer_batch, "outer_batch")
+                    if isinstance(outer_batch, collections.abc.Iterator):
+                        outer_batch = itertools.chain([ob], outer_batch)
+                    fv = self.outer(xs, ys, ob)
+                    uses_x = fv.requires_grad and any(
+                        gi is not None for gi in torch.autograd.grad(fv, list(xs.values()), allow_unused=True))
         finally:
             randomness.restore(state)
         if not used:
             raise ValueError("the inner objective g does not depend on y (no gradient path from y to its value): "
                              "there is no inner problem to differentiate through. Check that g uses its "
-                             "second argument (e.g. tb.nn.call(model, x, y, ...)) and does not detach it")
+                             "second argument (e.g. tb.nn.call(model, x, y, ...)) and does not detach it; a "
+                             "wrapped model (DistributedDataParallel, FSDP1, torch.compile) evaluates its own "
+                             "parameters: pass the module inside it")
         self._inner_uses_y = True
-        return inner_batch
+        if outer_batch is not None:
+            if not uses_x:
+                raise ValueError("neither objective depends on x (no gradient path from x to f or g): every "
+                                 "hypergradient would be zero. Check that f or g uses its first argument (e.g. "
+                                 "tb.nn.call(model, x, y, ...)) and does not detach it; a wrapped model "
+                                 "(DistributedDataParallel, FSDP1, torch.compile) evaluates its own parameters: "
+                                 "pass the module inside it")
+            self._uses_x = True
+        return inner_batch, outer_batch
 
     def average(self, *items):
         """``items`` (dicts of tensors, tensors or None) averaged over the data-parallel

@@ -38,7 +38,7 @@ from torch import Tensor
 __all__ = ["is_sharded", "refuse", "objective", "global_sqnorms", "to_local", "GRADIENT_ONLY", "Specs", "specs",
            "localize", "to_user"]
 
-GRADIENT_ONLY = ("tb.fdehbo", "tb.first_order() (in tb.hypergrad or tb.double_loop)")
+GRADIENT_ONLY = ("tb.fdehbo", "tb.first_order() and tb.pzobo(...) (in tb.hypergrad or tb.double_loop)")
 
 
 def _is_dtensor(t) -> bool:
@@ -66,7 +66,7 @@ def refuse(method: str, *trees) -> None:
         raise NotImplementedError(
             f"{method} on a sharded model (DTensor parameters from FSDP2's fully_shard): it needs "
             f"second derivatives — FSDP's collectives have no double backward — or whole-vector "
-            f"steps not yet written for shards (PZOBO's directions, F2SA, BOME). Methods that run "
+            f"steps not yet written for shards (F2SA, BOME). Methods that run "
             f"sharded: {', '.join(GRADIENT_ONLY)}.")
 
 
@@ -77,8 +77,9 @@ def to_local(tree: Mapping[str, Tensor]) -> dict:
 
 def check_consistent(name: str, tree: Mapping[str, Tensor]) -> None:
     """Every rank must shard the same keys: one all-reduce of a flag per key, before any
-    work.  ValueError naming ``name`` and the keys otherwise."""
-    if not (dist.is_available() and dist.is_initialized()):
+    work.  ValueError naming ``name`` and the keys otherwise.  Called where every rank of
+    the group runs the same call (a sharded dict, or a data-parallel problem)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     flags = torch.tensor([float(_is_dtensor(t)) for t in tree.values()], dtype=torch.float64)
     total = flags.clone()
@@ -125,7 +126,41 @@ def localize(problem, x, y):
     check_consistent("x", x)
     check_consistent("y", y)
     local = Bilevel(objective(problem.outer, sx, sy), objective(problem.inner, sx, sy))
+    local.shards = (sx, sy)
     return local, to_local(x), to_local(y), sx, sy
+
+
+def _rows(spec, n_rows: int):
+    """(start, stop) of this rank's rows of a ``Shard(0)`` tensor on a 1-D mesh (torch.chunk's
+    split, as FSDP2 shards)."""
+    mesh, placements = spec[0], spec[1]
+    if mesh.ndim != 1 or len(placements) != 1 or type(placements[0]).__name__ != "Shard" or placements[0].dim != 0:
+        raise NotImplementedError("sharded PZOBO supports FSDP2's default layout only: Shard(0) on a 1-D mesh")
+    n, r = mesh.size(), mesh.get_local_rank()
+    chunk = -(-n_rows // n)
+    start = min(r * chunk, n_rows)
+    return start, min(start + chunk, n_rows)
+
+
+def local_part(spec, full: Tensor, lead: int = 1) -> Tensor:
+    """This rank's shard of ``full`` (a tensor of the global shape, after ``lead`` leading
+    dimensions); ``full`` itself when ``spec`` is None (a replicated entry)."""
+    if spec is None:
+        return full
+    start, stop = _rows(spec, full.shape[lead])
+    return full.narrow(lead, start, stop - start)
+
+
+def sum_over_ranks(parts: Mapping[str, Tensor], spec: Specs) -> Tensor:
+    """Σ over every rank of Σ_k parts[k] (keyed as ``spec``): sharded entries summed over
+    ranks, replicated entries counted once (one all-reduce)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    total = sum(t if spec.shards is None or spec.shards[i] is not None else t / world
+                for i, t in enumerate(parts[k] for k in spec.keys))
+    if world > 1:
+        total = total.clone()
+        dist.all_reduce(total)
+    return total
 
 
 def layout_to_dict(lay) -> dict:

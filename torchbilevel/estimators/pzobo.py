@@ -9,6 +9,7 @@ follows the same inner batches S_0..S_{N-1}, and f uses an independent outer bat
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .. import randomness as R
+from .. import sharding as S
 from .. import tree as T
 from ..derivatives import vmap_unsupported
 from ..guards import INNER, PATHS, record
@@ -41,17 +43,27 @@ class PZOBO(NamedTuple):
     # cannot be lifted through declared features computed once at x
     perturbs_x = True
 
-    def sample_directions(self, x):
+    def sample_directions(self, x, shards=None):
         """Q directions shaped like x (leading dim Q), from ``generator``: u_j ~ N(0, I)
         ("gaussian", eq. (4)), or each tensor of u_j drawn uniformly on its unit sphere
-        ("sphere", the authors' released rule)."""
-        flat, layout = T.ravel(x)
-        dev = self.generator.device if self.generator is not None else flat.device
-        u = torch.randn(self.directions, layout.numel, generator=self.generator, device=dev, dtype=flat.dtype)
-        u = layout.unravel(u.to(flat.device))
-        if self.distribution == "sphere":
-            u = {k: t / torch.linalg.vector_norm(t.reshape(self.directions, -1), dim=1).clamp_min(
-                torch.finfo(t.dtype).tiny).reshape((-1,) + (1,) * (t.dim() - 1)) for k, t in u.items()}
+        ("sphere", the authors' released rule).  ``shards`` (the Specs of a sharded x): the
+        directions of one process over the global x, of which this rank keeps its shard (a
+        sharded run then equals one process; the draw costs Q x the global size of x)."""
+        specs = shards.shards if shards is not None and shards.shards is not None else [None] * len(x)
+        shapes = {k: (sp[2] if sp is not None else x[k].shape) for k, sp in zip(x, specs)}
+        any_t = next(iter(x.values()))
+        numel = sum(math.prod(sh) for sh in shapes.values())
+        dev = self.generator.device if self.generator is not None else any_t.device
+        flat = torch.randn(self.directions, numel, generator=self.generator, device=dev, dtype=any_t.dtype)
+        flat = flat.to(any_t.device)
+        u, pos = {}, 0
+        for (k, sh), sp in zip(shapes.items(), specs):
+            t = flat[:, pos:pos + math.prod(sh)].view(self.directions, *sh)
+            pos += math.prod(sh)
+            if self.distribution == "sphere":
+                t = t / torch.linalg.vector_norm(t.reshape(self.directions, -1), dim=1).clamp_min(
+                    torch.finfo(t.dtype).tiny).reshape((-1,) + (1,) * (t.dim() - 1))
+            u[k] = S.local_part(sp, t)
         return u
 
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
@@ -65,7 +77,8 @@ class PZOBO(NamedTuple):
         y_n = path(x)                                               # Alg. 1 lines 4-6
         record(INNER, y_n)
         fx, fy, fval = outer_grads(problem, x, y_n, ob)             # fresh randomness: D_F
-        u = self.sample_directions(x)                               # Alg. 1 line 8
+        sx, sy = problem.shards if problem.shards is not None else (None, None)
+        u = self.sample_directions(x, sx)                           # Alg. 1 line 8
         after = R.capture(x, y)
         if self.antithetic:
             # Central difference over ±μu: (y_N(x+μu) − y_N(x−μu)) / 2μ, same expectation.
@@ -79,7 +92,8 @@ class PZOBO(NamedTuple):
         R.restore(after)                     # the paths' replays consume nothing more
         record(PATHS, ys)
         # ⟨δ_j, ∇y f⟩ for each direction j
-        coef = sum((delta[k].reshape(self.directions, -1) * fy[k].reshape(1, -1)).sum(1) for k in fy)
+        parts = {k: (delta[k].reshape(self.directions, -1) * fy[k].reshape(1, -1)).sum(1) for k in fy}
+        coef = sum(parts.values()) if sy is None else S.sum_over_ranks(parts, sy)   # sharded y: over ranks
         jt_fy = {k: torch.tensordot(coef, t, dims=1) / self.directions for k, t in u.items()}
         dx = T.add(fx, jt_fy)                                        # eq. (5) / (7)
         return dx, HypergradAux({k: t.detach() for k, t in y_n.items()}, None, fval.detach())
@@ -88,7 +102,7 @@ class PZOBO(NamedTuple):
         """y_N(x + μ u_j) for every direction j (leading dim), each path replaying the random
         stream ``start`` of the unperturbed path."""
         shifted = lambda uj: {k: x[k] + self.mu * uj[k] for k in x}
-        data_parallel = problem.reduce is not None
+        data_parallel = problem.reduce is not None or problem.shards is not None   # collectives inside
         n = next(iter(u.values())).shape[0]
         if problem.features is not None and not data_parallel and all(b is batches[0] for b in batches):
             return self._head_paths(problem, shifted, u, n, y, batches[0], start)

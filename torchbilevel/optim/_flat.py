@@ -51,7 +51,7 @@ def guarded(cls, body, problem):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         with R.restored_on_error(s.xf), B.transaction(), B.frozen():
-            inner_batch = problem.check_inner_uses_y(s.x, s.y, inner_batch)
+            inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
             return body(s, inner_batch, outer_batch)
     return step
 

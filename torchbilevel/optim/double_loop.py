@@ -89,7 +89,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
 
     def init(x, y) -> DoubleLoopState:
         check_params(x, y)
-        if not isinstance(estimator, FirstOrder):
+        if not (isinstance(estimator, FirstOrder) or getattr(estimator, "perturbs_x", False)):   # gradient-only
             S.refuse(f"double_loop({type(estimator).__name__})", x, y)
         if check_finite and not in_functorch_transform():
             bad = G.check_inputs(x=x, y=y)
@@ -107,7 +107,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         if generator is not None and state.generator is not None:
             generator.set_state(state.generator)      # this run's directions stream
         with R.restored_on_error(state.x, generators=(generator,)), B.transaction():
-            inner_batch = problem.check_inner_uses_y(state.x, state.y, inner_batch)
+            inner_batch, outer_batch = problem.check_uses(state.x, state.y, inner_batch, outer_batch)
             if S.is_sharded(state.x, state.y):
                 # a sharded model: the step on the local shards, the new state as DTensors
                 local, xl, yl, sx, sy = S.localize(problem, state.x, state.y)

@@ -92,7 +92,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         check_params(x, y)
         if not fd:
             S.refuse(name, x, y)        # exact products: a double backward through FSDP's collectives
-        if S.is_sharded(x, y):
+        if S.is_sharded(x, y) or problem.reduce is not None:
+            # every rank shards the same keys (a data-parallel problem: every rank is here)
             S.check_consistent("x", x)
             S.check_consistent("y", y)
             if v is not None and S.is_sharded(y) and not S.is_sharded(v):
@@ -269,7 +270,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), \
                 (contextlib.nullcontext() if fd else second_order(name)):
-            inner_batch = problem.check_inner_uses_y(s.x, s.y, inner_batch)
+            inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
             if fd and (s.pair_mode is None or s.gy_from_pair is None) and not in_functorch_transform():
                 s, inner_batch = decide(s, inner_batch)
             return _step(s, inner_batch, outer_batch)
