@@ -39,6 +39,9 @@ def _checked_scalar(fn, name):
     return wrapped
 
 
+_UNCHECKED = object()        # check_uses: no outer batch given, x's use is not checked
+
+
 class Bilevel:
     """A bilevel problem ``min_x f(x, y*(x))``, ``y*(x) = argmin_y g(x, y)``.
 
@@ -114,15 +117,15 @@ class Bilevel:
         A zero ∇y g at an optimum is legitimate and passes: only the graph is inspected.
 
         Returns the batch to use: an iterator's first sample is put back in front of it."""
-        return self.check_uses(x, y, inner_batch, None)[0]
+        return self.check_uses(x, y, inner_batch, _UNCHECKED)[0]
 
     def check_uses(self, x, y, inner_batch, outer_batch):
-        """:meth:`check_inner_uses_y`, and (when ``outer_batch`` is not None) ValueError if
+        """:meth:`check_inner_uses_y`, and (given ``outer_batch``) ValueError if
         neither objective has a gradient path from x: a hypergradient would be a silent zero
         — the sign of a model wrapper whose forward ignores the tensors it is given.  Once per
         problem; an f evaluation only when g does not use x.  Returns the two batches to use
         (iterators' first samples put back)."""
-        if self._inner_uses_y and (outer_batch is None or self._uses_x) or in_functorch_transform() \
+        if self._inner_uses_y and (outer_batch is _UNCHECKED or self._uses_x) or in_functorch_transform() \
                 or torch.compiler.is_compiling():
             return inner_batch, outer_batch
         first = draw(inner_batch, "inner_batch")
@@ -139,7 +142,7 @@ class Bilevel:
                       if val.requires_grad else [None] * (len(ys) + len(xs)))
                 used = any(gi is not None for gi in gs[:len(ys)])
                 uses_x = any(gi is not None for gi in gs[len(ys):])
-                if used and not uses_x and outer_batch is not None:
+                if used and not uses_x and outer_batch is not _UNCHECKED:
                     ob = draw(outer_batch, "outer_batch")
                     if isinstance(outer_batch, collections.abc.Iterator):
                         outer_batch = itertools.chain([ob], outer_batch)
@@ -155,7 +158,7 @@ class Bilevel:
                              "wrapped model (DistributedDataParallel, FSDP1, torch.compile) evaluates its own "
                              "parameters: pass the module inside it")
         self._inner_uses_y = True
-        if outer_batch is not None:
+        if outer_batch is not _UNCHECKED:
             if not uses_x:
                 raise ValueError("neither objective depends on x (no gradient path from x to f or g): every "
                                  "hypergradient would be zero. Check that f or g uses its first argument (e.g. "
