@@ -63,10 +63,10 @@ PROBLEMS = {
 # ---------------------------------------------------------------- budget (seconds)
 
 BUDGET_S = 420            # gpu.sh kills the process at 465 s; the call's limit is 480 s
-SECTION_CAPS = {"env": 30, "kernel_tests": 150, "bandwidth": 140, "step_costs": 100, "pair_modes": 90}
-SECTION_MIN = {"env": 1, "kernel_tests": 40, "bandwidth": 30, "step_costs": 20, "pair_modes": 15}
-DRY_CAPS = {"env": 20, "kernel_tests": 40, "bandwidth": 35, "step_costs": 25, "pair_modes": 20}
-DRY_BUDGET_S = 95
+SECTION_CAPS = {"env": 30, "kernel_tests": 150, "bandwidth": 140, "step_costs": 100, "pair_modes": 90, "scale": 60}
+SECTION_MIN = {"env": 1, "kernel_tests": 40, "bandwidth": 30, "step_costs": 20, "pair_modes": 15, "scale": 15}
+DRY_CAPS = {"env": 20, "kernel_tests": 40, "bandwidth": 35, "step_costs": 25, "pair_modes": 20, "scale": 30}
+DRY_BUDGET_S = 125
 
 GPU_SIZES = [2 ** k for k in (24, 26, 20, 22, 25, 21, 23)]   # most important first
 DRY_SIZES = [2 ** 10, 2 ** 12]
@@ -554,6 +554,15 @@ def section_pair_modes(run: Run):
     return go
 
 
+# ---------------------------------------------------------------- 6. scale: SDPA and FSDP2 (world size 1)
+
+def section_scale(run: Run):
+    def go(deadline):
+        device = "cuda" if _cuda() else "cpu"
+        return {"device": device, "rows": _bench("scale_rows").rows(device, run.dry, deadline)}
+    return go
+
+
 # ---------------------------------------------------------------- targets and summary
 
 def targets(data) -> dict:
@@ -619,7 +628,7 @@ def main(argv=None):
     ap.add_argument("--cpu-dry-run", action="store_true", help="every section at tiny sizes on CPU (no CUDA needed)")
     ap.add_argument("--out", default=os.environ.get("OUT", "./out"), help="output folder (default $OUT or ./out)")
     ap.add_argument("--budget", type=float, default=None, help=f"seconds for all sections (default {BUDGET_S}; "
-                    "dry run 95)")
+                    "dry run 125)")
     ap.add_argument("--sections", default=None, help="comma-separated subset of " + ",".join(SECTION_CAPS))
     ap.add_argument("--force-shim", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -652,7 +661,7 @@ def main(argv=None):
     chosen = a.sections.split(",") if a.sections else list(SECTION_CAPS)
     sections = {"env": section_env(run, import_mode), "kernel_tests": section_kernel_tests(run),
                 "bandwidth": section_bandwidth(run), "step_costs": section_step_costs(run),
-                "pair_modes": section_pair_modes(run)}
+                "pair_modes": section_pair_modes(run), "scale": section_scale(run)}
     for name in SECTION_CAPS:
         if name not in chosen:
             run.data["sections"][name] = {"status": "skipped", "reason": "not selected (--sections)"}
