@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import buffers, randomness
 from . import tree as T
-from .tracing import in_functorch_transform, use_func_mechanism
+from .tracing import in_functorch_transform, in_sharded_step, use_func_mechanism
 
 __all__ = ["Bilevel", "draw", "check_params", "check_positive", "check_steps", "check_unit",
            "in_functorch_transform", "use_func_mechanism"]
@@ -171,8 +171,9 @@ class Bilevel:
     def average(self, *items):
         """``items`` (dicts of tensors, tensors or None) averaged over the data-parallel
         group: one call of the ``reduce`` hook on one flat buffer holding all of them.
-        Returns a tuple like ``items``; without a hook, ``items`` themselves (no copy)."""
-        if self.reduce is None:
+        Returns a tuple like ``items``; without a hook, ``items`` themselves (no copy); inside
+        a sharded step (its objectives are already means over ranks) too."""
+        if self.reduce is None or in_sharded_step():
             return items
         if in_functorch_transform():
             raise RuntimeError("a data-parallel problem (reduce hook) does not compose with torch.func "

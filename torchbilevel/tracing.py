@@ -6,9 +6,32 @@ values may be read on the host.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
-__all__ = ["in_functorch_transform", "use_func_mechanism"]
+__all__ = ["in_functorch_transform", "use_func_mechanism", "sharded_step", "in_sharded_step"]
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def sharded_step(active: bool = True):
+    """Context: a step of a method on local shards (torchbilevel.sharding), whose objectives
+    already return the mean over ranks — ``Bilevel.average`` is then the identity (per
+    thread)."""
+    old = getattr(_LOCAL, "sharded", False)
+    _LOCAL.sharded = active or old
+    try:
+        yield
+    finally:
+        _LOCAL.sharded = old
+
+
+def in_sharded_step() -> bool:
+    """True inside :func:`sharded_step`."""
+    return getattr(_LOCAL, "sharded", False)
 
 
 def in_functorch_transform() -> bool:

@@ -17,6 +17,7 @@ from .. import randomness as R
 from .. import sharding as S
 from .. import tree as T
 from ..problem import check_params, in_functorch_transform
+from ..tracing import sharded_step
 from .single_loop import _flat as flat_fn  # (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)
 
 __all__ = ["flat_fn", "view", "init_flat", "guarded", "check_step", "checkpoint", "work_dtype"]
@@ -50,7 +51,8 @@ def guarded(cls, body, problem):
     def step(s, inner_batch, outer_batch):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
-        with R.restored_on_error(s.xf), B.transaction(), B.frozen():
+        sharded = s.layout_x.shards is not None or s.layout_y.shards is not None
+        with R.restored_on_error(s.xf), B.transaction(), B.frozen(), sharded_step(sharded):
             inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
             return body(s, inner_batch, outer_batch)
     return step
