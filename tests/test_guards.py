@@ -50,9 +50,9 @@ class NanAt:
 
 
 def prechecked(prob, x, y, ib):
-    """Run the once-per-problem check that g depends on y (one call of g) before counting
-    calls, so that NanAt's k counts the method's own calls."""
-    prob.check_inner_uses_y(x, y, ib)
+    """Run the once-per-problem checks that g depends on y and f or g on x (one call of g:
+    here g uses x) before counting calls, so that NanAt's k counts the method's own calls."""
+    prob.check_uses(x, y, ib, ib)
     for fn in (prob.inner_fn, prob.outer_fn):
         if isinstance(fn, NanAt):
             fn.calls = 0

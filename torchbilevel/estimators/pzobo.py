@@ -78,7 +78,7 @@ class PZOBO(NamedTuple):
         record(INNER, y_n)
         fx, fy, fval = outer_grads(problem, x, y_n, ob)             # fresh randomness: D_F
         sx, sy = problem.shards if problem.shards is not None else (None, None)
-        u = self.sample_directions(x, sx)                           # Alg. 1 line 8
+        u = self.sample_directions(x) if sx is None else self.sample_directions(x, sx)   # Alg. 1 line 8
         after = R.capture(x, y)
         if self.antithetic:
             # Central difference over ±μu: (y_N(x+μu) − y_N(x−μu)) / 2μ, same expectation.
