@@ -68,6 +68,20 @@ def gathered(params: Mapping[str, Tensor]) -> dict:
     return out
 
 
+# module -> its FSDP2 submodules (itself included), found once per module
+_FSDP: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fsdp_modules(module: nn.Module) -> tuple:
+    if module not in _FSDP:
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:          # pragma: no cover - builds without distributed
+            FSDPModule = ()
+        _FSDP[module] = tuple(m for m in module.modules() if FSDPModule and isinstance(m, FSDPModule))
+    return _FSDP[module]
+
+
 def _is_fsdp_hook(h) -> bool:
     return type(getattr(h, "__self__", None)).__name__ == "FSDPState"
 
@@ -78,16 +92,10 @@ def without_fsdp_hooks(module: nn.Module):
     removed from every FSDP module in ``module`` and put back afterwards, so that the
     forward runs on the tensors functional_call gives."""
     saved = []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:          # pragma: no cover
-        FSDPModule = None
-    if FSDPModule is not None and isinstance(module, nn.Module):
-        for mod in module.modules():
-            if isinstance(mod, FSDPModule):
-                for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
-                    drop = [k for k, h in hooks.items() if _is_fsdp_hook(h)]
-                    saved.append((hooks, [(k, hooks.pop(k)) for k in drop]))
+    for mod in _fsdp_modules(module):
+        for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+            drop = [k for k, h in hooks.items() if _is_fsdp_hook(h)]
+            saved.append((hooks, [(k, hooks.pop(k)) for k in drop]))
     try:
         yield
     finally:
