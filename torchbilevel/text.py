@@ -11,8 +11,9 @@ Nothing is downloaded. The domains (for language-model data reweighting, the
   characters, no sentence structure left);
 * ``random``: uniformly random printable ASCII characters.
 
-The held-out topics (every ``val_every``-th topic in sorted order) form the clean
-validation text, which no domain contains. Tokens are UTF-8 bytes (vocabulary 256):
+The held-out topics (every ``val_every``-th topic in sorted order), less the paragraphs
+they share with the other topics, form the clean validation text, which no domain
+contains. Tokens are UTF-8 bytes (vocabulary 256):
 :func:`encode` / :func:`decode`. Every domain is cut to the same number of bytes, so
 no domain wins by size alone.
 """
@@ -86,7 +87,7 @@ def random_characters(n: int, seed: int) -> str:
     """``n`` characters drawn uniformly from the printable ASCII letters, digits,
     punctuation, space and newline (seeded)."""
     alphabet = string.ascii_letters + string.digits + string.punctuation + " \n"
-    return "".join(_random.Random(seed).choice(alphabet) for _ in range(n))
+    return "".join(_random.Random(seed).choices(alphabet, k=n))
 
 
 @dataclasses.dataclass
@@ -107,7 +108,8 @@ def build_domains(n_bytes: int = 200_000, val_every: int = 5, seed: int = 0) -> 
     """The four domains of :data:`DOMAINS`, ``n_bytes`` tokens each, and the held-out text.
 
     Topics of ``pydoc_data.topics`` in sorted order: every ``val_every``-th one is held
-    out (validation), the others form ``docs`` (repeated if shorter than ``n_bytes``).
+    out (validation; its paragraphs that also occur in another topic are dropped), the
+    others form ``docs`` (repeated if shorter than ``n_bytes``).
     ``seed`` sets the word shuffle and the random characters; the rest is fixed.
     Raises ValueError naming ``n_bytes`` / ``val_every`` when out of range.
     """
@@ -120,6 +122,10 @@ def build_domains(n_bytes: int = 200_000, val_every: int = 5, seed: int = 0) -> 
     held = [topics[k] for i, k in enumerate(names) if i % val_every == 0]
     kept = [topics[k] for i, k in enumerate(names) if i % val_every != 0]
     docs = _ascii("\n".join(kept))
+    # topics share sections (a topic can contain another's text): keep only the held-out
+    # paragraphs that occur in no training topic
+    seen = {p.strip() for p in docs.split("\n\n")}
+    held = ["\n\n".join(p for p in _ascii(t).split("\n\n") if p.strip() not in seen) for t in held]
     docs = (docs * (n_bytes // len(docs) + 1))[:n_bytes]
     texts = {
         "docs": docs,

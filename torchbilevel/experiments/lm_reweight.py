@@ -71,7 +71,7 @@ class LMReweightConfig:
 
     methods: Sequence[str] = METHODS
     n_bytes: int = 200_000
-    context: int = 64
+    context: int = 32
     batch_size: int = 4
     val_batch: int = 8
     eval_windows: int = 64
@@ -79,11 +79,11 @@ class LMReweightConfig:
     layers: int = 5
     heads: int = 4
     steps: int = 2000
-    seconds: float | None = 30.0
+    seconds: float | None = 45.0
     eval_every: int = 10
     eval_seconds: float | None = 3.0
-    lr_y: float = 0.5
-    lr_x: float = 5.0
+    lr_y: float = 2.0
+    lr_x: float = 0.5
     eta: float = 0.5
     radius: float = 10.0
     penalty: float = 10.0
@@ -215,7 +215,8 @@ def _world() -> int:
 
 def evaluate(cfg: LMReweightConfig, data: text.TextDomains, model: torch.nn.Module) -> Callable:
     """Metrics of (x, y): ``val_loss`` (nats per byte on ``eval_windows`` fixed held-out
-    windows, spread evenly over the held-out text) and each domain's weight ``w_<domain>``."""
+    windows, spread evenly over the held-out text), each domain's weight ``w_<domain>`` and
+    ``w_corrupted``, the total weight of the corrupted domains."""
     n = data.val.numel() - cfg.context - 1
     starts = torch.linspace(0, n - 1, cfg.eval_windows).long()
     windows = text.windows(data.val, starts, cfg.context).to(cfg.device)
@@ -225,6 +226,7 @@ def evaluate(cfg: LMReweightConfig, data: text.TextDomains, model: torch.nn.Modu
         out = {"val_loss": float(f(x, y, windows))}
         weights = torch.softmax(x["logits"].detach().float(), 0).tolist()
         out.update(zip(WEIGHT_COLUMNS, weights))
+        out["w_corrupted"] = sum(w for d, w in zip(text.DOMAINS, weights) if d in text.CORRUPTED)
         return out
 
     return metrics_of
