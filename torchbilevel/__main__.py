@@ -241,9 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank = torch.distributed.get_rank()
     try:
         result = demo(args.experiment, config, out=out, progress=not args.no_progress and rank == 0)
-    except DataUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (DataUnavailableError, getattr(module, "CallIgnoresParameters", DataUnavailableError)) as err:
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(config, "shard", False) and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
     wall = time.perf_counter() - start

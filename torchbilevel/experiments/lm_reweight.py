@@ -44,7 +44,7 @@ from .transformer import TinyGPT, token_losses
 
 __all__ = ["LMReweightConfig", "LABELS", "METHODS", "WEIGHT_COLUMNS", "make_model", "model_parameters",
            "domain_losses", "inner_loss", "outer_loss", "make_problem", "make_methods", "evaluate",
-           "init_shard", "shard_model", "check_call_sees_parameters", "run"]
+           "init_shard", "shard_model", "CallIgnoresParameters", "check_call_sees_parameters", "run"]
 
 LABELS = {"fdehbo": "FdeHBO", "first_order": "first-order", "f2sa": "F2SA", "bome": "BOME",
           "uniform": "uniform weights", "clean": "clean domains only"}
@@ -66,7 +66,9 @@ class LMReweightConfig:
     ``seconds`` of optimisation time (None: no limit). y steps: ``lr_y`` (SGD, every row);
     x steps: ``lr_x``. FdeHBO: momentum weights ``eta``, linear-system step ``lr_y``, ball
     ``radius``; F2SA: ``penalty`` λ_0; BOME: ``bome_inner_steps``.
-    ``shard``: FSDP2 over the torchrun process group (see the module docstring).
+    ``shard``: FSDP2 over the torchrun process group (see the module docstring); with
+    ``fsdp=False`` the ranks keep whole replicas of the model and only the batches are
+    split (the library's data parallelism alone: a check of everything but the sharding).
     """
 
     methods: Sequence[str] = METHODS
@@ -91,6 +93,7 @@ class LMReweightConfig:
     seed: int = 0
     device: str = "cpu"
     shard: bool = False
+    fsdp: bool = True
 
 
 def make_model(cfg: LMReweightConfig) -> TinyGPT:
@@ -254,20 +257,37 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class CallIgnoresParameters(RuntimeError):
+    """``tb.nn.call`` cannot evaluate this model at the parameters it is given."""
+
+
 def check_call_sees_parameters(model: torch.nn.Module, y: dict, tokens: torch.Tensor) -> None:
-    """Raise RuntimeError unless ``tb.nn.call(model, {}, y, ·)`` depends on ``y``: the model
-    at y and at y = 0 must give different logits. A wrapper that evaluates its own
-    parameters (FSDP2 before torchbilevel supports it) would make every hypergradient 0."""
-    with torch.no_grad():
-        at_y = tb.nn.call(model, {}, y, tokens)
-        at_zero = tb.nn.call(model, {}, {k: torch.zeros_like(v) for k, v in y.items()}, tokens)
-    if torch.equal(at_y, at_zero):
-        raise RuntimeError(
+    """Raise :class:`CallIgnoresParameters` unless ``tb.nn.call(model, {}, y, ·)`` runs and
+    depends on ``y``: the model at y and at y = 0 must give different logits. A wrapper that
+    evaluates its own parameters (FSDP2 before torchbilevel supports it) would make every
+    hypergradient 0; one that cannot take the given tensors fails here, before any work."""
+    sharded = " FSDP2-sharded" if _world() > 1 else ""
+    advice = ("Run without --shard, or with a torchbilevel whose tb.nn.call evaluates "
+              "fully_shard'ed modules at the x and y it is given (issue 16, item 1).")
+    try:
+        with torch.no_grad():
+            at_y = tb.nn.call(model, {}, y, tokens)
+            at_zero = tb.nn.call(model, {}, {k: torch.zeros_like(v) for k, v in y.items()}, tokens)
+            same = bool(torch.equal(_local(at_y), _local(at_zero)))
+    except (RuntimeError, TypeError, ValueError, AttributeError) as err:
+        raise CallIgnoresParameters(
+            f"tb.nn.call could not evaluate the{sharded} model at the parameters it was given "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}). {advice}") from err
+    if same:
+        raise CallIgnoresParameters(
             "tb.nn.call evaluated the model's own parameters, not the y it was given (the "
-            "logits at y and at y = 0 are equal): this torchbilevel cannot evaluate this "
-            f"{'FSDP2-sharded ' if _world() > 1 else ''}model functionally, and every "
-            "hypergradient would be 0. Run without --shard, or with a torchbilevel whose "
-            "tb.nn.call supports fully_shard'ed modules.")
+            f"logits at y and at y = 0 are equal): this torchbilevel cannot evaluate this{sharded} "
+            f"model functionally, and every hypergradient would be 0. {advice}")
+
+
+def _local(t):
+    """The local tensor of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def run(cfg: LMReweightConfig, progress=None) -> list[dict]:
@@ -277,7 +297,7 @@ def run(cfg: LMReweightConfig, progress=None) -> list[dict]:
         init_shard(cfg.device)
     data = text.build_domains(cfg.n_bytes, seed=cfg.seed)
     model = make_model(cfg)
-    if cfg.shard:
+    if cfg.shard and cfg.fsdp:
         shard_model(model)
     y0 = model_parameters(model)
     check_call_sees_parameters(model, y0, data.val[None, :cfg.context].to(cfg.device))
