@@ -70,7 +70,8 @@ PLOTS = {
     "compare": ([("score", "‖∇Φ(x)‖² / ‖∇Φ(x_0)‖² or test loss (median over seeds)")], True),
     "lm_reweight": ([("val_loss", "held-out documentation loss (nats per byte)"),
                      ("w_docs", "weight of docs (clean)"), ("w_code", "weight of code (clean)"),
-                     ("w_corrupted", "weight of shuffled + random (corrupted)")], False),
+                     ("w_shuffled", "weight of shuffled words (corrupted)"),
+                     ("w_random", "weight of random characters (corrupted)")], False),
 }
 
 #: x-axis label of every plot
