@@ -4,7 +4,7 @@
     python -m torchbilevel demo --methods aid_cg,fmbo,noisy --seconds 5
     python -m torchbilevel run shallow_hr --set embedding=two_layer --out out/hr.png
     python -m torchbilevel run deep_hr --device cuda
-    python -m torchbilevel run lm_reweight           # LM data reweighting, about 4 min on 2 cores
+    python -m torchbilevel run lm_reweight           # LM data reweighting, about 5 min on 2 cores
     torchrun --nproc-per-node 2 -m torchbilevel run lm_reweight --shard   # FSDP2, 2 CPU ranks
 
 Each run prints a results table (one row per method: steps, optimisation seconds,

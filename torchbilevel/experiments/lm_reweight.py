@@ -56,7 +56,7 @@ _FROZEN = ("uniform", "clean")
 
 @dataclasses.dataclass
 class LMReweightConfig:
-    """Settings of one run (defaults: about 4 min on 2 shared CPU cores, one process).
+    """Settings of one run (defaults: about 5 min on 2 shared CPU cores, one process).
 
     Model: :class:`TinyGPT` with ``d_model``, ``layers``, ``heads`` over windows of
     ``context`` bytes (the defaults give 1.03M parameters). Data: ``n_bytes`` tokens per
