@@ -244,7 +244,7 @@ def test_short_run_moves_weight_off_random_characters(seed):
 
 # ------------------------------------------------------------------ two processes (gloo, CPU)
 
-_DP = dict(TINY, steps=6, eval_every=3)
+_DP = dict(TINY, steps=4, eval_every=2, methods=("fdehbo", "f2sa", "bome", "uniform"))
 
 
 def _dp_worker(rank, world, init_file, out_dir):
