@@ -23,6 +23,7 @@ TABLE_COLUMNS = {
     "deep_hr": ["method", "step", "seconds", "outer_acc", "test_acc", "test_loss"],
     "weight_decay": ["method", "step", "seconds", "test_acc", "test_loss", "val_loss", "mean_lam"],
     "compare": ["method", "lr", "step", "oracles", "seconds", "score", "test_acc"],
+    "lm_reweight": ["method", "step", "seconds", "val_loss", "w_docs", "w_code", "w_shuffled", "w_random"],
 }
 
 #: fixed number format of each table column (format spec of a float); others: ".4f"
@@ -31,6 +32,7 @@ COLUMN_FORMATS = {
     "test_loss": ".4f", "val_loss": ".4f", "phi": ".3e", "grad_norm": ".3e",
     "hypergrad_error": ".3e", "mean_lam": ".4f",
     "lr": "g", "oracles": "d", "score": ".3e",
+    "w_docs": ".3f", "w_code": ".3f", "w_shuffled": ".3f", "w_random": ".3f",
 }
 
 #: what each column means, with its unit (printed under the table)
@@ -48,6 +50,10 @@ COLUMN_NOTES = {
     "mean_lam": "mean learned log weight decay λ",
     "lr": "step size tuned on the grid (lr_x = x_ratio·lr)",
     "oracles": "oracle calls (gradients, Hessian-vector and mixed products)",
+    "w_docs": "learned weight softmax(x) of the documentation domain (clean; the held-out text is documentation too)",
+    "w_code": "learned weight of the standard-library source domain (clean)",
+    "w_shuffled": "learned weight of the documentation with its words shuffled (corrupted)",
+    "w_random": "learned weight of the random-characters domain (corrupted)",
     "score": "the metric the step size was tuned on, median over seeds: ‖∇Φ(x)‖² / ‖∇Φ(x_0)‖², exact (compare on the quadratic) or test loss (compare on hyperclean)",
 }
 
@@ -62,6 +68,10 @@ PLOTS = {
     "weight_decay": ([("test_loss", "test loss (cross-entropy, nats)"),
                       ("test_acc", "test accuracy (fraction)")], False),
     "compare": ([("score", "‖∇Φ(x)‖² / ‖∇Φ(x_0)‖² or test loss (median over seeds)")], True),
+    "lm_reweight": ([("val_loss", "held-out documentation loss (nats per byte)"),
+                     ("w_docs", "weight of docs (clean)"), ("w_code", "weight of code (clean)"),
+                     ("w_shuffled", "weight of shuffled words (corrupted)"),
+                     ("w_random", "weight of random characters (corrupted)")], False),
 }
 
 #: x-axis label of every plot
@@ -89,6 +99,10 @@ def setting(experiment: str, config: Any) -> str:
     elif experiment == "weight_decay":
         text = (f"Per-feature weight decay, logistic regression on scikit-learn {c.dataset}: "
                 f"{c.train_fraction:.0%} train / {c.val_fraction:.0%} val / rest test")
+    elif experiment == "lm_reweight":
+        text = (f"LM data reweighting: {c.layers}-layer transformer (d = {c.d_model}), byte tokens, "
+                f"domains docs / code / shuffled / random, f = held-out docs"
+                f"{', FSDP2-sharded' if c.shard else ''}")
     else:
         text = experiment
     return f"{text}; {_budget(c)}"
@@ -114,7 +128,11 @@ def notes(experiment: str, config: Any, methods: Sequence[str]) -> list[str]:
         out.append(f"{', '.join(sphere)}: the PZOBO authors' released direction rule (per-tensor unit "
                    "directions, no dimension factor): its mean is ∇x f + (1/p)·(implicit term), in effect "
                    "the first-order partial gradient for a large λ; biased by design.")
-    if "first-order" in methods:
+    if experiment == "lm_reweight" and "first-order" in methods:
+        out.append("first-order: here f (held-out loss) does not depend on the weights x directly, so "
+                   "∇x f = 0 and the weights never move: the first-order row is the uniform mixture, "
+                   "run by the bilevel code path. Data reweighting needs the implicit term.")
+    elif "first-order" in methods:
         out.append("first-order: ∇x f at the current inner iterate only, without the implicit term "
                    "−∇xy g·v: a biased baseline by design.")
     return out
@@ -178,7 +196,8 @@ def demo(experiment: str = "hyperclean", config: Any = None, out: str | None = N
 
     Writes ``out`` (a PNG of the plotted metrics against optimisation seconds,
     default ``out/demo_<experiment>.png``) and a CSV of the full record beside
-    it; returns the record, the text table of final rows and both paths.
+    it; returns the record, the text table of final rows and both paths (None on the
+    ranks other than 0 of a torchrun launch, which write nothing).
     """
     if experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {experiment!r}; choose from {sorted(EXPERIMENTS)}")
@@ -193,6 +212,8 @@ def demo(experiment: str = "hyperclean", config: Any = None, out: str | None = N
         if bar is not None:
             bar.close()
     text = table(experiment, config, record)
+    if _rank() != 0:  # under torchrun every rank holds the same record: rank 0 writes the files
+        return DemoResult(record, text, None, None)
     panels, logy = PLOTS[experiment]
     png = plot_curves(record, out, [m for m, _ in panels], x="seconds", logy=logy,
                       title=title or setting(experiment, config), xlabel=X_LABEL,
@@ -200,6 +221,12 @@ def demo(experiment: str = "hyperclean", config: Any = None, out: str | None = N
     csv_path = os.path.splitext(out)[0] + ".csv"
     write_csv(record, csv_path)
     return DemoResult(record, text, png, csv_path)
+
+
+def _rank() -> int:
+    """This process's rank in the initialised torch.distributed group (0 without one)."""
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def table(experiment: str, config: Any, record: Sequence[dict]) -> str:
