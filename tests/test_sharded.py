@@ -92,6 +92,15 @@ def scenarios(net, rank, world, dp):
         s = algo.step(s, tr, va)
     out["fdehbo x=body y=head"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
 
+    for name, algo in (("f2sa", tb.f2sa(body, lr_x=0.1, lr_y=0.2, lr_z=0.2)),
+                       ("bome", tb.bome(body, lr_x=0.1, lr_y=0.2, inner_steps=3)),
+                       ("f2sa x=scale", tb.f2sa(scaled, lr_x=0.1, lr_y=0.2, lr_z=0.2))):
+        xx, yy = (x_s, y_all) if "scale" in name else (x_b, y_h)
+        s = algo.init(xx, yy)
+        for _ in range(STEPS):
+            s = algo.step(s, tr, va)
+        out[name] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
+
     dx = tb.hypergrad(scaled, tb.first_order())(x_s, y_all, tr, va)
     out["hypergrad first_order"] = full(dx)
     for dist_name in ("gaussian", "sphere"):

@@ -52,6 +52,9 @@ def split(module: nn.Module, inner: Selector, include_frozen: bool = False) -> T
     Returns detached aliases of the parameters (same storage, no autograd history): an
     optimiser step on the module is visible in x, and nothing here modifies the module.
 
+    Every parameter selected (``x`` empty) is allowed: the outer variables then live outside
+    the module (per-sample or per-domain weights, hyperparameters).
+
     Tied weights (one tensor under several names, e.g. an output head tied to the token
     embedding): the tensor is selected when any of its names matches ``inner`` and appears
     once, under the name that matched (else under its first name, in x).  :func:`call`
@@ -77,8 +80,8 @@ def split(module: nn.Module, inner: Selector, include_frozen: bool = False) -> T
             x[ns[0]] = p.detach()
     if not y:
         raise ValueError("inner selected no parameter of the module: check the names or the predicate")
-    if not x:
-        raise ValueError("inner selected every parameter: no outer parameters are left")
+    # every parameter inner is legitimate when x lives outside the module (data weights,
+    # domain logits, hyperparameters): x is then empty and the caller supplies its own
     return x, y
 
 

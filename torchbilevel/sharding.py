@@ -35,10 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_sharded", "refuse", "objective", "global_sqnorms", "to_local", "GRADIENT_ONLY", "Specs", "specs",
+__all__ = ["dots", "is_sharded", "refuse", "objective", "global_sqnorms", "to_local", "GRADIENT_ONLY", "Specs", "specs",
            "localize", "to_user"]
 
-GRADIENT_ONLY = ("tb.fdehbo", "tb.first_order() and tb.pzobo(...) (in tb.hypergrad or tb.double_loop)")
+GRADIENT_ONLY = ("tb.fdehbo", "tb.f2sa", "tb.bome", "tb.first_order() and tb.pzobo(...) (in tb.hypergrad or "
+                 "tb.double_loop)")
 
 
 def _is_dtensor(t) -> bool:
@@ -65,9 +66,8 @@ def refuse(method: str, *trees) -> None:
     if is_sharded(*trees):
         raise NotImplementedError(
             f"{method} on a sharded model (DTensor parameters from FSDP2's fully_shard): it needs "
-            f"second derivatives — FSDP's collectives have no double backward — or whole-vector "
-            f"steps not yet written for shards (F2SA, BOME). Methods that run "
-            f"sharded: {', '.join(GRADIENT_ONLY)}.")
+            f"second derivatives — FSDP's collectives have no double backward. Methods that run "
+            f"sharded (gradients only): {', '.join(GRADIENT_ONLY)}.")
 
 
 def to_local(tree: Mapping[str, Tensor]) -> dict:
@@ -277,6 +277,25 @@ def objective(fn, lx, ly):
         return _MeanOverRanks.apply(value, group, world)
     sharded_fn.__qualname__ = f"sharded({getattr(fn, '__qualname__', 'fn')})"
     return sharded_fn
+
+
+def dots(*pairs) -> Tensor:
+    """⟨a, b⟩ over all ranks for each ``(a, b, layout)`` (flat buffers laid out by a
+    ``tree.Raveled``), as one tensor (one all-reduce for all of them when any layout is
+    sharded): sharded entries summed over ranks, replicated entries counted once."""
+    vals = torch.stack([torch.dot(a, b) for a, b, _ in pairs])
+    if all(lay.shards is None for _, _, lay in pairs) or not (dist.is_available() and dist.is_initialized()):
+        return vals
+    world = dist.get_world_size()
+    fix = []
+    for a, b, lay in pairs:
+        rep = [(o, int(torch.Size(sh).numel())) for sh, o, spec in zip(lay.shapes, lay.offsets,
+                                                                       lay.shards or [None] * len(lay.keys))
+               if spec is None]
+        fix.append(sum((torch.dot(a[o:o + n], b[o:o + n]) for o, n in rep), torch.zeros((), dtype=vals.dtype)))
+    vals = vals - (1.0 - 1.0 / world) * torch.stack(fix).to(vals.dtype)
+    dist.all_reduce(vals)
+    return vals
 
 
 def global_sqnorms(layout, *flats: Tensor) -> Tensor:

@@ -103,16 +103,10 @@ def make_model(cfg: LMReweightConfig) -> TinyGPT:
 
 
 def model_parameters(model: torch.nn.Module) -> dict:
-    """y: every parameter of ``model`` (``tb.nn.split`` with every parameter inner; tied
-    tensors once). Where this library's ``split`` refuses an empty outer side, the same
-    dict (detached aliases of ``named_parameters``) is built here."""
-    try:
-        x, y = tb.nn.split(model, inner=lambda name, p: True)
-    except ValueError as err:
-        if "every parameter" not in str(err):
-            raise
-        return {name: p.detach() for name, p in model.named_parameters()}
-    return {**x, **y}
+    """y: every parameter of ``model`` (``tb.nn.split`` with every parameter inner: x, the
+    domain logits, lives outside the module; tied tensors once)."""
+    _, y = tb.nn.split(model, inner=lambda name, p: True)
+    return y
 
 
 def domain_losses(model: torch.nn.Module, y: dict, tokens: torch.Tensor) -> torch.Tensor:

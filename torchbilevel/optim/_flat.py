@@ -24,18 +24,24 @@ __all__ = ["flat_fn", "view", "init_flat", "guarded", "check_step", "checkpoint"
 
 
 def view(field: str, layout: str, doc: str = "") -> property:
-    """A property giving the flat buffer ``field`` as a dict shaped by ``layout``."""
-    return property(lambda s: getattr(s, layout).unravel(getattr(s, field)), doc=doc)
+    """A property giving the flat buffer ``field`` as a dict shaped by ``layout`` (DTensors
+    over the local shards when the layout is sharded, like the user's dicts)."""
+    return property(lambda s: getattr(s, layout).user(getattr(s, field)), doc=doc)
 
 
-def init_flat(name: str, x, y, check_finite: bool):
+def init_flat(name: str, x, y, check_finite: bool, sharded: bool = False):
     """Validate x, y and ravel them into fresh flat buffers: (xf, yf, layout_x, layout_y).
-    A sharded model (DTensors) is refused before any work: these methods either need
-    second derivatives (MRBO) or whole-vector steps not yet written for shards."""
+    ``sharded``: the method runs on a sharded model (gradients only, whole-vector
+    reductions through torchbilevel.sharding); otherwise DTensor inputs are refused before
+    any work (a method that needs second derivatives)."""
     check_params(x, y)
-    S.refuse(name, x, y)
+    if not sharded:
+        S.refuse(name, x, y)
+    elif S.is_sharded(x, y):
+        S.check_consistent("x", x)
+        S.check_consistent("y", y)
     if check_finite and not in_functorch_transform():
-        bad = G.check_inputs(x=x, y=y)
+        bad = G.check_inputs(x=S.to_local(x), y=S.to_local(y))
         if bad is not None:
             raise FloatingPointError(f"{name} init: {bad} holds NaN/inf")
     xf, lx = T.ravel(x)     # ravel copies: the state never aliases the caller's tensors

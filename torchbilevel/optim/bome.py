@@ -36,6 +36,7 @@ from torch import Tensor
 from .. import buffers as B
 from .. import guards as G
 from .. import randomness as R
+from .. import sharding as S
 from .. import tree as T
 from ..derivatives import gradient
 from ..problem import check_positive, check_problem, check_steps, check_unit, draw
@@ -93,7 +94,7 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
 
     def init(x, y) -> BOMEState:
         """Initial state from dicts x, y (copied)."""
-        xf, yf, lx, ly = init_flat(name, x, y, check_finite)
+        xf, yf, lx, ly = init_flat(name, x, y, check_finite, sharded=True)   # gradients only: runs sharded
         return BOMEState(xf, yf, 0, lx, ly, torch.zeros((), dtype=work_dtype(yf), device=yf.device))
 
     def body(s: BOMEState, inner_batch, outer_batch) -> BOMEState:
@@ -122,8 +123,8 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         gx, gy, gx_th, fx, fy, gv, gv_th = problem.average(gx, gy, gx_th, fx, fy, gv, gv_th)  # one all-reduce
         work = work_dtype(s.yf)
         qx, qy = (gx - gx_th).to(work), gy.to(work)
-        n2 = torch.dot(qx, qx) + torch.dot(qy, qy)                       # ‖∇q̂‖²
-        dot = torch.dot(fx.to(work), qx) + torch.dot(fy.to(work), qy)    # ⟨∇f, ∇q̂⟩
+        d = S.dots((qx, qx, lx), (qy, qy, ly), (fx.to(work), qx, lx), (fy.to(work), qy, ly))  # sharded: one all-reduce
+        n2, dot = d[0] + d[1], d[2] + d[3]                               # ‖∇q̂‖², ⟨∇f, ∇q̂⟩
         eta = value_at(phi, t, "phi", unit=True)
         phi_t = eta * (n2 if phi_rule == "grad_norm" else (gv - gv_th).to(work))
         lam = torch.where(n2 > 0, torch.clamp(phi_t - dot, min=0.0) / torch.where(n2 > 0, n2, 1.0),

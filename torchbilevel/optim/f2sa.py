@@ -106,7 +106,7 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, penalty=10.0, penalty_growth: float = 1.0
 
     def init(x, y, z=None) -> F2SAState:
         """Initial state from dicts x, y (and z, default y); copies them."""
-        xf, yf, lx, ly = init_flat(name, x, y, check_finite)
+        xf, yf, lx, ly = init_flat(name, x, y, check_finite, sharded=True)   # gradients only: runs sharded
         if z is None:
             zf = yf.clone()
         else:
