@@ -174,17 +174,18 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
                 with B.updating():        # running statistics move once per inner step, here
                     (gy,) = gradient(g, xf, yf, phi_y, argnums=1)[1]
                 G.record(_PATH, gz, gy)
-                (fy,) = gradient(f, xf, yf, zeta_y, argnums=1)[1]
+                fy = gradient(f, xf, yf, zeta_y)[1][1]          # both arguments: f may ignore y
                 G.record(_FY, fy)
                 gz, gy, fy = problem.average(gz, gy, fy)          # one all-reduce per inner step
                 zf = torch.add(zf, gz, alpha=-gamma)
                 yf = torch.add(yf, torch.add(gy, fy, alpha=1.0 / lam), alpha=-beta)
             phi_x, zeta_x = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
             # one sample φ_x, one random stream at (x, y_{k+1}) and (x, z_{k+1})
-            (gx_y,), (gx_z,) = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x, argnums=0)[1],
-                                                          lambda: gradient(g, xf, zf, phi_x, argnums=0)[1]])
+            # (gradients in both arguments, of which the x part is used: f or g may ignore x)
+            gx_y, gx_z = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x)[1][0],
+                                                    lambda: gradient(g, xf, zf, phi_x)[1][0]])
             G.record(_G, gx_y, gx_z)
-            (fx,) = gradient(f, xf, yf, zeta_x, argnums=0)[1]
+            fx = gradient(f, xf, yf, zeta_x)[1][0]
             G.record(_F, fx)
         gx_y, gx_z, fx = problem.average(gx_y, gx_z, fx)               # one all-reduce
         d_x = torch.add(fx, torch.sub(gx_y, gx_z), alpha=lam)
