@@ -148,7 +148,7 @@ ACCEPT = {
     "f2sa": lambda lr: dict(lr_x=lr / 5, lr_y=lr, lr_z=lr),
     "bome": lambda lr: dict(lr_x=lr / 5, lr_y=lr),
 }
-ACCEPT_LR = {"soba": 0.1, "ma_soba": 0.1, "mrbo": 0.3, "f2sa": 0.03, "bome": 0.3}
+ACCEPT_LR = {"soba": 0.1, "ma_soba": 0.1, "mrbo": 0.3, "f2sa": 0.1, "bome": 0.3}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -44,16 +44,19 @@ def run(algo, x0, y0, inner, outer, steps=STEPS):
 
 
 # ------------------------------------------------------------------ F2SA (Kwon et al. 2023, Alg. 1)
-def f2sa_reference(inner, outer, rho, x, y, *, lam, lr_x, lr_y, lr_z, T, steps=STEPS):
+def f2sa_reference(inner, outer, rho, x, y, *, lam, lr_x, lr_y, lr_z, T, shared, steps=STEPS):
     """Algorithm 1: T steps on z (γ) and y (α_k = β_k/λ_k along ∇y f + λ_k ∇y g), then x
-    at the new y and z with one sample φ_x for both ∇x g terms.  ``lam(k)`` is λ_k."""
+    at the new y and z with one sample φ_x for both ∇x g terms.  ``lam(k)`` is λ_k;
+    ``shared``: φ_y = φ_z (the library's default) or independent (the paper's)."""
     it_in, it_out = cycle(inner), cycle(outer)
     z, out = y.clone(), []
     for k in range(steps):
         lk = lam(k)
         alpha, gamma = lr_y(k) / lk, lr_z(k)
         for _ in range(T):
-            (Az, Bz), (Ay, By), cy = next(it_in), next(it_in), next(it_out)      # φ_z, φ_y, ζ_y
+            Az, Bz = next(it_in)                                                 # φ_z
+            Ay, By = (Az, Bz) if shared else next(it_in)                         # φ_y
+            cy = next(it_out)                                                    # ζ_y
             z, y = z - gamma * (Az @ z - Bz @ x), y - alpha * ((y - cy) + lk * (Ay @ y - By @ x))
         (Ax, Bx), cx = next(it_in), next(it_out)                                 # φ_x, ζ_x
         x = x - lr_x(k) * (rho * x + lk * (-Bx.T @ y + Bx.T @ z))
@@ -61,8 +64,9 @@ def f2sa_reference(inner, outer, rho, x, y, *, lam, lr_x, lr_y, lr_z, T, steps=S
     return out
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("schedule", ["paper", "benchmark_bilevel"])
-def test_f2sa_reproduces_algorithm_1(schedule):
+def test_f2sa_reproduces_algorithm_1(schedule, shared):
     prob, inner, outer, rho = quadratic(seed=11)
     x0, y0 = start()
     T = 3
@@ -71,14 +75,16 @@ def test_f2sa_reproduces_algorithm_1(schedule):
     lr_z = lambda k: 0.3 / (1 + k) ** (4 / 7)
     if schedule == "paper":
         lam = lambda k: 4.0 * (1 + k) ** (1 / 7)                 # λ_k = λ_0 (1 + k)^(a − c)
-        algo = tb.f2sa(prob, lr_x=lr_x, lr_y=lr_y, lr_z=lr_z, inner_steps=T, penalty=4.0)
+        algo = tb.f2sa(prob, lr_x=lr_x, lr_y=lr_y, lr_z=lr_z, inner_steps=T, penalty=4.0,
+                       shared_inner_sample=shared)
     else:
         lams = [1.0]                                              # λ_{k+1} = λ_k + δ/(k + 1)^(1/7)
         for k in range(STEPS):
             lams.append(lams[-1] + 0.1 / (k + 1) ** (1 / 7))
         lam = lams.__getitem__
-        algo = tb.f2sa(prob, lr_x=lr_x, lr_y=lr_y, lr_z=lr_z, inner_steps=T, penalty_schedule=schedule)
-    ref = f2sa_reference(inner, outer, rho, x0, y0, lam=lam, lr_x=lr_x, lr_y=lr_y, lr_z=lr_z, T=T)
+        algo = tb.f2sa(prob, lr_x=lr_x, lr_y=lr_y, lr_z=lr_z, inner_steps=T, penalty_schedule=schedule,
+                       shared_inner_sample=shared)
+    ref = f2sa_reference(inner, outer, rho, x0, y0, lam=lam, lr_x=lr_x, lr_y=lr_y, lr_z=lr_z, T=T, shared=shared)
     states = run(algo, x0, y0, inner, outer)
     for k, (s, (x, y, z, lk)) in enumerate(zip(states, ref)):
         torch.testing.assert_close(s.x["h"], x, **TOL)

@@ -32,13 +32,19 @@ The multiplier, ``penalty_schedule``:
   Its y step is lr_inner·(λ∇y g + ∇y f): ``lr_y`` = λ_k·lr_inner reproduces it.
 * a callable k -> λ_k.
 
-Samples: each inner step draws φ_z, φ_y (``inner_batch``) and ζ_y (``outer_batch``); the x
-step draws φ_x (inner) and ζ_x (outer), in that order (iterators; any other batch is a full
-batch).  The two evaluations of ∇x g at (x, y_{k+1}) and (x, z_{k+1}) share the sample φ_x
-and replay one random stream (dropout masks): λ(∇x g(x, y; φ) − ∇x g(x, z; φ)) is then a
-difference of nearby points on one sample, whose noise is O(λ‖y − z‖) = O(1), not O(λ) as
-with independent samples (benchmark_bilevel's F2SA draws them independently).  Running
-statistics (BatchNorm) move once per inner step, at the y gradient of g.
+Samples (common random numbers): each inner step draws one inner sample φ_t, which serves
+both the z and the y step (one random stream: the same dropout masks), and ζ_y
+(``outer_batch``); the x step draws φ_x (inner) and ζ_x (outer), in that order (iterators;
+any other batch is a full batch).  The two evaluations of ∇x g at (x, y_{k+1}) and
+(x, z_{k+1}) share φ_x and replay one random stream, as in the paper: λ(∇x g(x, y; φ) −
+∇x g(x, z; φ)) is then a difference of nearby points on one sample, whose noise is
+O(λ‖y − z‖), not O(λ) as with independent samples (benchmark_bilevel's F2SA draws them
+independently).  The paper draws φ_z and φ_y independently (``shared_inner_sample=False``);
+sharing them correlates the noise of y and z, so that y − z, which the x direction
+multiplies by λ, carries less of it: on the acceptance quadratic with minibatches of 64
+(1500 steps, lr = lr_y = lr_z = 5 lr_x) the final ‖∇Φ‖²/‖∇Φ(x_0)‖² is 3.3e-4 / 5.6e-6 /
+7.8e-6 (lr 0.03 / 0.1 / 0.3) shared against 1.4e-3 / 4.7e-3 / 0.10 independent.  Running statistics (BatchNorm) move once per inner step, at the y gradient
+of g.
 
 Cost per outer step: T·(two y-gradients of g, one of f) + two x-gradients of g and one of
 f — 3T + 3 gradient evaluations, no products; data parallel: one all-reduce per inner step
@@ -89,7 +95,7 @@ class F2SAState(NamedTuple):
 
 def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
          penalty_growth: float = 1.0 / 7.0, penalty_schedule: str = "paper", penalty_step=None,
-         check_finite: bool = True) -> Algorithm:
+         shared_inner_sample: bool = True, check_finite: bool = True) -> Algorithm:
     """F2SA (Kwon et al., ICML 2023, Algorithm 1), fully first order: T steps on y and z,
     then x at the new y and z.
 
@@ -108,6 +114,9 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
         penalty_schedule: ``"paper"`` (λ_k = λ_0 (1 + k)^p) or ``"benchmark_bilevel"``
             (λ_{k+1} = λ_k + δ/(k + 1)^{1/7}).
         penalty_step: δ of ``"benchmark_bilevel"`` (> 0; default 0.1, its ``delta_lmbda``).
+        shared_inner_sample: one inner sample φ_t (and one random stream) for the z and the
+            y step of each inner step (default), or the paper's independent φ_z, φ_y (False);
+            see the module docstring.
         check_finite: raise FloatingPointError naming the stage (state untouched) when a
             step produces NaN/inf; one host read per step.
 
@@ -134,6 +143,8 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
         raise ValueError("penalty_step is the additive increment of penalty_schedule='benchmark_bilevel'; "
                          "the 'paper' schedule grows λ by penalty_growth")
     penalty_step = check_positive(penalty_step, "penalty_step")
+    if not isinstance(shared_inner_sample, bool):
+        raise TypeError(f"shared_inner_sample must be True or False, got {shared_inner_sample!r}")
     if isinstance(penalty_growth, bool) or not isinstance(penalty_growth, (int, float)):
         raise TypeError(f"penalty_growth must be a number >= 0, got {penalty_growth!r}")
     if not (0.0 <= penalty_growth < float("inf")):
@@ -168,11 +179,18 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
         xf, yf, zf = s.xf, s.yf, s.zf
         with G.tracing(check_finite) as trace:
             for _ in range(inner_steps):                          # Alg. 1, inner loop
-                phi_z, phi_y = draw(inner_batch, "inner_batch"), draw(inner_batch, "inner_batch")
+                phi_z = draw(inner_batch, "inner_batch")
+                phi_y = phi_z if shared_inner_sample else draw(inner_batch, "inner_batch")
                 zeta_y = draw(outer_batch, "outer_batch")
-                (gz,) = gradient(g, xf, zf, phi_z, argnums=1)[1]
-                with B.updating():        # running statistics move once per inner step, here
-                    (gy,) = gradient(g, xf, yf, phi_y, argnums=1)[1]
+
+                def at_y(yf=yf, phi_y=phi_y):
+                    with B.updating():    # running statistics move once per inner step, here
+                        return gradient(g, xf, yf, phi_y, argnums=1)[1][0]
+                at_z = lambda zf=zf, phi_z=phi_z: gradient(g, xf, zf, phi_z, argnums=1)[1][0]
+                if shared_inner_sample:   # one sample: one random stream at y and z
+                    gy, gz = R.replaying(R.capture(xf), [at_y, at_z])
+                else:
+                    gz, gy = at_z(), at_y()
                 G.record(_PATH, gz, gy)
                 fy = gradient(f, xf, yf, zeta_y)[1][1]          # both arguments: f may ignore y
                 G.record(_FY, fy)
