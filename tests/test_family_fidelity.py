@@ -278,3 +278,21 @@ def test_bome_reproduces_the_paper_including_eta_above_one(eta, rule):
         torch.testing.assert_close(s.y["w"], y, **TOL)
         assert float(s.lam) == pytest.approx(lam, rel=1e-10, abs=1e-12)
     assert any(lam > 0 for _, _, lam in ref)                     # the barrier was active
+
+
+def test_new_options_check_their_arguments():
+    prob, _, _, _ = quadratic()
+    kw = dict(lr_x=0.1, lr_y=0.1, lr_z=0.1)
+    with pytest.raises(TypeError, match="shared_inner_sample"):
+        tb.f2sa(prob, shared_inner_sample=1, **kw)
+    with pytest.raises(ValueError, match="penalty"):
+        tb.f2sa(prob, penalty=lambda k: 1.0, penalty_schedule="benchmark_bilevel", **kw)
+    with pytest.raises(ValueError, match="penalty_step"):
+        tb.f2sa(prob, penalty_schedule="benchmark_bilevel", penalty_step=-1.0, **kw)
+    with pytest.raises(TypeError, match="phi"):
+        tb.bome(prob, lr_x=0.1, lr_y=0.1, phi="5")
+    algo = tb.bome(prob, lr_x=0.1, lr_y=0.1, phi=lambda t: -1.0)         # a schedule is checked per step
+    x0, y0 = start()
+    with pytest.raises(ValueError, match=r"phi\(0\)"):
+        algo.step(algo.init({"h": x0}, {"w": y0}), (torch.eye(5, dtype=DT), torch.ones(5, 4, dtype=DT)),
+                  torch.zeros(5, dtype=DT))

@@ -43,8 +43,8 @@ independently).  The paper draws φ_z and φ_y independently (``shared_inner_sam
 sharing them correlates the noise of y and z, so that y − z, which the x direction
 multiplies by λ, carries less of it: on the acceptance quadratic with minibatches of 64
 (1500 steps, lr = lr_y = lr_z = 5 lr_x) the final ‖∇Φ‖²/‖∇Φ(x_0)‖² is 3.3e-4 / 5.6e-6 /
-7.8e-6 (lr 0.03 / 0.1 / 0.3) shared against 1.4e-3 / 4.7e-3 / 0.10 independent.  Running statistics (BatchNorm) move once per inner step, at the y gradient
-of g.
+7.8e-6 (lr 0.03 / 0.1 / 0.3) shared against 1.4e-3 / 4.7e-3 / 0.10 independent.
+Running statistics (BatchNorm) move once per inner step, at the y gradient of g.
 
 Cost per outer step: T·(two y-gradients of g, one of f) + two x-gradients of g and one of
 f — 3T + 3 gradient evaluations, no products; data parallel: one all-reduce per inner step
