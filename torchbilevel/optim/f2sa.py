@@ -1,35 +1,54 @@
 """F2SA (Kwon, Kwon, Wright, Nowak, "A fully first-order method for stochastic bilevel
-optimization", ICML 2023): no second-order products.  The bilevel problem is replaced by
-the penalty  L_λ(x, y) = f(x, y) + λ (g(x, y) − min_z g(x, z)),  whose minimiser over y,
-y_λ*(x), approaches y*(x) as λ grows, and whose gradient in x approaches ∇Φ(x) with an
-O(1/λ) bias:
+optimization", ICML 2023, Algorithm 1): no second-order products.  The bilevel problem is
+replaced by the penalty  L_λ(x, y) = f(x, y) + λ (g(x, y) − min_z g(x, z)),  whose
+minimiser over y, y_λ*(x), approaches y*(x) as λ grows, and whose gradient in x approaches
+∇Φ(x) with an O(1/λ) bias:
 
     ∇x L_λ = ∇x f(x, y_λ*) + λ (∇x g(x, y_λ*) − ∇x g(x, y*)).
 
-Single loop (one inner step per outer step, all three gradients at the current iterate):
+Algorithm 1, outer step k (λ_k, the step sizes and x_k fixed during the inner loop):
 
-    z_{t+1} = z_t − γ_t ∇y g(x_t, z_t; ζ_t)                                   z tracks y*(x)
-    y_{t+1} = y_t − β_t (∇y g(x_t, y_t; ζ_t) + ∇y f(x_t, y_t; ψ_t) / λ_t)      y tracks y_λ*(x)
-    x_{t+1} = x_t − α_t (∇x f(x_t, y_t; ψ_t) + λ_t (∇x g(x_t, y_t; ζ_t) − ∇x g(x_t, z_t; ζ_t)))
-    λ_t     = penalty · (1 + t)^penalty_growth
+    for t = 0..T−1 (y_{k,0} = y_k, z_{k,0} = z_k):
+        z_{k,t+1} = z_{k,t} − γ_k ∇y g(x_k, z_{k,t}; φ_z)                        z tracks y*(x_k)
+        y_{k,t+1} = y_{k,t} − α_k (∇y f(x_k, y_{k,t}; ζ_y) + λ_k ∇y g(x_k, y_{k,t}; φ_y))   y tracks y_λ*(x_k)
+    y_{k+1} = y_{k,T},  z_{k+1} = z_{k,T}
+    x_{k+1} = x_k − ξα_k (∇x f(x_k, y_{k+1}; ζ_x) + λ_k (∇x g(x_k, y_{k+1}; φ_x) − ∇x g(x_k, z_{k+1}; φ_x)))
+    λ_{k+1} = λ_k + δ_k
 
-Scaling: the paper steps y along ∇y f + λ ∇y g with a step α_k ∝ 1/λ_k (its step sizes
-satisfy α_k λ_k = γ_k, the z step); we write that step as β_t (∇y g + ∇y f/λ_t), the
-gradient of (f + λ g)/λ, so ``lr_y`` is a step size on the scale of g — stable for the
-same values as ``lr_z`` whatever λ — and the penalty can grow without retuning it.
-λ grows polynomially, λ_t = penalty·(1 + t)^p.  The default p = 1/7 follows the paper's
-coupling of λ to the step sizes (y's step α_k with α_k λ_k of the order of z's step γ_k)
-with the decay exponents 5/7 (y) and 4/7 (z) that benchmark_bilevel's F2SA uses; a larger
-p (up to 1) removes the O(1/λ) bias faster when the steps are constant.
+so x moves at the *new* y and z.  Step sizes: ``lr_z`` = γ_k; ``lr_x`` = ξα_k; ``lr_y`` = β_k
+with α_k = β_k / λ_k, i.e. the y step is written β_k (∇y g + ∇y f / λ_k), the gradient of
+(f + λg)/λ: ``lr_y`` is a step size on the scale of g — stable for the same values as
+``lr_z`` whatever λ — and the penalty can grow without retuning it.
 
-Samples: one inner sample ζ_t serves z, y and both ∇x g terms, one outer sample ψ_t serves
-∇f, and the two g evaluations at (x, y) and (x, z) replay one random stream (dropout
-masks): λ(∇x g(x, y; ζ) − ∇x g(x, z; ζ)) is then a difference of nearby points on one
-sample, whose noise is O(λ‖y − z‖) = O(1), not O(λ) as with independent samples
-(benchmark_bilevel's F2SA draws them independently).
+The multiplier, ``penalty_schedule``:
 
-Cost per step: two full gradients of g (at (x, y) and (x, z)) and one of f — 3 gradient
-evaluations, no products; data parallel: one all-reduce per step.
+* ``"paper"`` (default): λ_k = λ_0 (1 + k)^p.  The paper couples λ_k to its step sizes,
+  λ_k ∝ γ_k/α_k, with α_k ∝ k^(−a), γ_k ∝ k^(−c); for noise in both levels a = 5/7,
+  c = 4/7, so p = a − c = 1/7 (the default ``penalty_growth``); δ_k = λ_{k+1} − λ_k.  A
+  larger p (up to 1) removes the O(1/λ) bias faster when the steps are constant.
+* ``"benchmark_bilevel"``: benchmark_bilevel's F2SA rule, additive, λ_{k+1} = λ_k + δ/(k+1)^{1/7}
+  (δ = ``penalty_step``, default 0.1; its λ_0 = 1, the default ``penalty`` here).  λ then
+  grows as (7/6)δ k^{6/7}: at k = 10^4, 314 from λ_0 = 1 against 37 for 10(1 + k)^{1/7}.
+  Its y step is lr_inner·(λ∇y g + ∇y f): ``lr_y`` = λ_k·lr_inner reproduces it.
+* a callable k -> λ_k.
+
+Samples (common random numbers): each inner step draws one inner sample φ_t, which serves
+both the z and the y step (one random stream: the same dropout masks), and ζ_y
+(``outer_batch``); the x step draws φ_x (inner) and ζ_x (outer), in that order (iterators;
+any other batch is a full batch).  The two evaluations of ∇x g at (x, y_{k+1}) and
+(x, z_{k+1}) share φ_x and replay one random stream, as in the paper: λ(∇x g(x, y; φ) −
+∇x g(x, z; φ)) is then a difference of nearby points on one sample, whose noise is
+O(λ‖y − z‖), not O(λ) as with independent samples (benchmark_bilevel's F2SA draws them
+independently).  The paper draws φ_z and φ_y independently (``shared_inner_sample=False``);
+sharing them correlates the noise of y and z, so that y − z, which the x direction
+multiplies by λ, carries less of it: on the acceptance quadratic with minibatches of 64
+(1500 steps, lr = lr_y = lr_z = 5 lr_x) the final ‖∇Φ‖²/‖∇Φ(x_0)‖² is 3.3e-4 / 5.6e-6 /
+7.8e-6 (lr 0.03 / 0.1 / 0.3) shared against 1.4e-3 / 4.7e-3 / 0.10 independent.
+Running statistics (BatchNorm) move once per inner step, at the y gradient of g.
+
+Cost per outer step: T·(two y-gradients of g, one of f) + two x-gradients of g and one of
+f — 3T + 3 gradient evaluations, no products; data parallel: one all-reduce per inner step
+and one for the x step (T + 1).
 """
 from __future__ import annotations
 
@@ -43,55 +62,89 @@ from .. import guards as G
 from .. import randomness as R
 from .. import tree as T
 from ..derivatives import gradient
-from ..problem import check_positive, check_problem, draw
+from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
 
-_G = "the inner gradients ∇g at (x, y) and (x, z)"
-_F = "the outer gradient ∇f"
+_PATH = "the inner loop's gradients ∇y g at y and z"
+_FY = "the outer gradient ∇y f (inner loop)"
+_G = "the inner gradients ∇x g at (x, y) and (x, z)"
+_F = "the outer gradient ∇x f"
+SCHEDULES = ("paper", "benchmark_bilevel")
+BENCHMARK_EXPONENT = 1.0 / 7.0     # benchmark_bilevel's decay of the λ increment
 
 
 class F2SAState(NamedTuple):
     """State of F2SA in flat buffers: ``xf``; ``yf`` (the penalised inner iterate, tracks
-    argmin f/λ + g); ``zf`` (tracks argmin g); ``step`` t; the dict layouts.
-    ``state.x``, ``state.y``, ``state.z`` are dicts."""
+    argmin f/λ + g); ``zf`` (tracks argmin g); ``step`` k; the dict layouts; ``lam``, the
+    multiplier λ_k the next step uses (a float).  ``state.x``, ``state.y``, ``state.z`` are
+    dicts."""
     xf: Tensor
     yf: Tensor
     zf: Tensor
     step: int
     layout_x: T.Raveled
     layout_y: T.Raveled
+    lam: float
 
     x = view("xf", "layout_x", "x as a dict (views of the flat buffer)")
     y = view("yf", "layout_y", "y as a dict (views of the flat buffer)")
     z = view("zf", "layout_y", "z as a dict (views of the flat buffer)")
 
 
-def f2sa(problem, *, lr_x, lr_y, lr_z, penalty=10.0, penalty_growth: float = 1.0 / 7.0,
-         check_finite: bool = True) -> Algorithm:
-    """F2SA (Kwon et al., ICML 2023), fully first order, single loop.
+def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
+         penalty_growth: float = 1.0 / 7.0, penalty_schedule: str = "paper", penalty_step=None,
+         shared_inner_sample: bool = True, check_finite: bool = True) -> Algorithm:
+    """F2SA (Kwon et al., ICML 2023, Algorithm 1), fully first order: T steps on y and z,
+    then x at the new y and z.
 
     Args:
         problem: a :class:`torchbilevel.Bilevel`.
-        lr_x, lr_y, lr_z: step sizes α (x), β (y, on the scale of g: see the module
-            docstring), γ (z); numbers > 0 or callables of t.
-        penalty: λ_0 (> 0), or a callable t -> λ_t (then ``penalty_growth`` is unused).
-            The bias of the x direction is O(1/λ): larger is more accurate, and stable
-            because y's step does not scale with λ.  Default 10.
-        penalty_growth: exponent p ≥ 0 of λ_t = penalty·(1 + t)^p; default 1/7, the
-            paper's rate.
+        lr_x, lr_y, lr_z: step sizes ξα (x), β = αλ (y, on the scale of g: see the module
+            docstring), γ (z); numbers > 0 or callables of the outer step k.
+        inner_steps: T ≥ 1, steps on y and z per outer step (default 10, benchmark_bilevel's
+            ``n_inner_steps``; T = 1 is a single loop).
+        penalty: λ_0 (> 0), or a callable k -> λ_k (then ``penalty_growth`` and
+            ``penalty_schedule`` are unused).  Default 10 (``"paper"``) or 1
+            (``"benchmark_bilevel"``, its ``lmbda0``).  The bias of the x direction is
+            O(1/λ): larger is more accurate, and stable because y's step does not scale with λ.
+        penalty_growth: exponent p ≥ 0 of λ_k = λ_0 (1 + k)^p (``"paper"``); default 1/7,
+            the paper's a − c for noise in both levels.
+        penalty_schedule: ``"paper"`` (λ_k = λ_0 (1 + k)^p) or ``"benchmark_bilevel"``
+            (λ_{k+1} = λ_k + δ/(k + 1)^{1/7}).
+        penalty_step: δ of ``"benchmark_bilevel"`` (> 0; default 0.1, its ``delta_lmbda``).
+        shared_inner_sample: one inner sample φ_t (and one random stream) for the z and the
+            y step of each inner step (default), or the paper's independent φ_z, φ_y (False);
+            see the module docstring.
         check_finite: raise FloatingPointError naming the stage (state untouched) when a
             step produces NaN/inf; one host read per step.
 
     ``init(x, y, z=None)`` starts z at y unless given.  Returns an
-    :class:`torchbilevel.Algorithm`.
+    :class:`torchbilevel.Algorithm`; ``state.lam`` is the λ of the next step.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
     lr_y = check_positive(lr_y, "lr_y", allow_schedule=True)
     lr_z = check_positive(lr_z, "lr_z", allow_schedule=True)
+    inner_steps = check_steps(inner_steps, "inner_steps")
+    if penalty_schedule not in SCHEDULES:
+        raise ValueError(f"penalty_schedule must be 'paper' or 'benchmark_bilevel', got {penalty_schedule!r}")
+    additive = penalty_schedule == "benchmark_bilevel"
+    if penalty is None:
+        penalty = 1.0 if additive else 10.0
     penalty = check_positive(penalty, "penalty", allow_schedule=True)
+    if additive and callable(penalty):
+        raise ValueError("penalty must be a number (λ_0) with penalty_schedule='benchmark_bilevel'; "
+                         "a callable penalty is its own schedule (leave penalty_schedule='paper')")
+    if penalty_step is None:
+        penalty_step = 0.1
+    elif not additive:
+        raise ValueError("penalty_step is the additive increment of penalty_schedule='benchmark_bilevel'; "
+                         "the 'paper' schedule grows λ by penalty_growth")
+    penalty_step = check_positive(penalty_step, "penalty_step")
+    if not isinstance(shared_inner_sample, bool):
+        raise TypeError(f"shared_inner_sample must be True or False, got {shared_inner_sample!r}")
     if isinstance(penalty_growth, bool) or not isinstance(penalty_growth, (int, float)):
         raise TypeError(f"penalty_growth must be a number >= 0, got {penalty_growth!r}")
     if not (0.0 <= penalty_growth < float("inf")):
@@ -99,10 +152,13 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, penalty=10.0, penalty_growth: float = 1.0
     penalty_growth = float(penalty_growth)
     name = "f2sa"
 
-    def lam_at(t: int) -> float:
+    def lam_at(k: int, previous: float) -> float:
+        """λ_k (``previous`` = λ_{k−1}, used by the additive rule only)."""
         if callable(penalty):
-            return value_at(penalty, t, "penalty")
-        return penalty * (1.0 + t) ** penalty_growth
+            return value_at(penalty, k, "penalty")
+        if additive:
+            return penalty if k == 0 else previous + penalty_step / float(k) ** BENCHMARK_EXPONENT
+        return penalty * (1.0 + k) ** penalty_growth
 
     def init(x, y, z=None) -> F2SAState:
         """Initial state from dicts x, y (and z, default y); copies them."""
@@ -112,34 +168,51 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, penalty=10.0, penalty_growth: float = 1.0
         else:
             T.check_same_keys(z, y, "z and y")
             zf = T.ravel_like(ly, z).to(yf.dtype).clone()
-        return F2SAState(xf, yf, zf, 0, lx, ly)
+        return F2SAState(xf, yf, zf, 0, lx, ly, lam_at(0, 0.0))
 
     def body(s: F2SAState, inner_batch, outer_batch) -> F2SAState:
-        t = s.step
+        k = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
-        zeta, psi = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
-
-        def at_y():
-            with B.updating():            # running statistics move once per step, here
-                return gradient(g, s.xf, s.yf, zeta)[1]
-
+        lam = s.lam
+        gamma, beta = value_at(lr_z, k, "lr_z"), value_at(lr_y, k, "lr_y")
+        xf, yf, zf = s.xf, s.yf, s.zf
         with G.tracing(check_finite) as trace:
-            (gx_y, gy_y), (gx_z, gy_z) = R.replaying(R.capture(s.xf), [at_y, lambda: gradient(g, s.xf, s.zf, zeta)[1]])
-            G.record(_G, gx_y, gy_y, gx_z, gy_z)
-            fx, fy = gradient(f, s.xf, s.yf, psi)[1]
-            G.record(_F, fx, fy)
-        gx_y, gy_y, gx_z, gy_z, fx, fy = problem.average(gx_y, gy_y, gx_z, gy_z, fx, fy)   # one all-reduce
-        lam = lam_at(t)
-        z_new = torch.add(s.zf, gy_z, alpha=-value_at(lr_z, t, "lr_z"))
-        y_new = torch.add(s.yf, torch.add(gy_y, fy, alpha=1.0 / lam), alpha=-value_at(lr_y, t, "lr_y"))
+            for _ in range(inner_steps):                          # Alg. 1, inner loop
+                phi_z = draw(inner_batch, "inner_batch")
+                phi_y = phi_z if shared_inner_sample else draw(inner_batch, "inner_batch")
+                zeta_y = draw(outer_batch, "outer_batch")
+
+                def at_y(yf=yf, phi_y=phi_y):
+                    with B.updating():    # running statistics move once per inner step, here
+                        return gradient(g, xf, yf, phi_y, argnums=1)[1][0]
+                at_z = lambda zf=zf, phi_z=phi_z: gradient(g, xf, zf, phi_z, argnums=1)[1][0]
+                if shared_inner_sample:   # one sample: one random stream at y and z
+                    gy, gz = R.replaying(R.capture(xf), [at_y, at_z])
+                else:
+                    gz, gy = at_z(), at_y()
+                G.record(_PATH, gz, gy)
+                fy = gradient(f, xf, yf, zeta_y)[1][1]          # both arguments: f may ignore y
+                G.record(_FY, fy)
+                gz, gy, fy = problem.average(gz, gy, fy)          # one all-reduce per inner step
+                zf = torch.add(zf, gz, alpha=-gamma)
+                yf = torch.add(yf, torch.add(gy, fy, alpha=1.0 / lam), alpha=-beta)
+            phi_x, zeta_x = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
+            # one sample φ_x, one random stream at (x, y_{k+1}) and (x, z_{k+1})
+            # (gradients in both arguments, of which the x part is used: f or g may ignore x)
+            gx_y, gx_z = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x)[1][0],
+                                                    lambda: gradient(g, xf, zf, phi_x)[1][0]])
+            G.record(_G, gx_y, gx_z)
+            fx = gradient(f, xf, yf, zeta_x)[1][0]
+            G.record(_F, fx)
+        gx_y, gx_z, fx = problem.average(gx_y, gx_z, fx)               # one all-reduce
         d_x = torch.add(fx, torch.sub(gx_y, gx_z), alpha=lam)
-        x_new = torch.add(s.xf, d_x, alpha=-value_at(lr_x, t, "lr_x"))
+        x_new = torch.add(xf, d_x, alpha=-value_at(lr_x, k, "lr_x"))
         if check_finite:
-            check_step(name, t, (x_new, y_new, z_new), trace,
+            check_step(name, k, (x_new, yf, zf), trace,
                        "the update (step sizes too large or the penalty λ too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, zf=s.zf)
-        return F2SAState(x_new, y_new, z_new, t + 1, lx, ly)
+        return F2SAState(x_new, yf, zf, k + 1, lx, ly, lam_at(k + 1, lam))
 
     state_dict, load_state_dict = checkpoint(F2SAState, name)
     return Algorithm(init, guarded(F2SAState, body, problem), state_dict, load_state_dict, name)

@@ -1,23 +1,29 @@
-"""MA-SOBA (Chen, Xu, Zhang, "Optimal algorithms for stochastic bilevel optimization under
-relaxed smoothness conditions", 2023): SOBA whose x step follows a moving average of the
-SOBA direction — plain averaging, not recursive momentum, so no evaluation at the previous
-iterate is needed.
+"""MA-SOBA (Xuxing Chen, Tesi Xiao, Krishnakumar Balasubramanian, "Optimal algorithms for
+stochastic bilevel optimization under relaxed smoothness conditions", arXiv 2306.12067,
+2023; JMLR 2024): SOBA whose x step follows a moving average of the SOBA direction —
+plain averaging, not recursive momentum, so no evaluation at the previous iterate is
+needed.  Its Algorithm 1 (the paper's z is our v; its v solves ∇yy g·z = ∇y f as ours):
 
-    y_{t+1} = y_t − β_t ∇y g(x_t, y_t; ζ_t)                                   (as SOBA)
-    v_{t+1} = v_t − λ_t (∇yy g(x_t, y_t; ψ_t)·v_t − ∇y f(x_t, y_t; ψ_t))      (as SOBA)
-    D_t     = ∇x f(x_t, y_t; ψ_t) − ∇xy g(x_t, y_t; ψ_t)·v_t                   (SOBA's x direction)
-    h_t     = momentum·h_{t−1} + (1 − momentum)·D_t,   h_0 = D_0
-    x_{t+1} = x_t − α_t h_t
+    y_{k+1} = y_k − β_k ∇y g(x_k, y_k; ζ_k)                                   (as SOBA)
+    v_{k+1} = v_k − γ_k (∇yy g(x_k, y_k; ψ_k)·v_k − ∇y f(x_k, y_k; ψ_k))      (as SOBA)
+    x_{k+1} = x_k − α_k h_k                                                   x steps along the average so far
+    h_{k+1} = (1 − θ_k) h_k + θ_k D_k,   D_k = ∇x f(x_k, y_k; ψ_k) − ∇xy g(x_k, y_k; ψ_k)·v_k
 
-Parametrisation: the paper writes the average with θ_t, the weight of the *new* direction
-(h ← (1 − θ)h + θ D, θ small); ``momentum`` here is the weight of the *old* average,
-momentum = 1 − θ (0.9 ↔ θ = 0.1), as in heavy-ball/Adam conventions.  ``momentum=0``
-is SOBA.  The x step uses the average that includes the current direction (h_t), and
-the first step the plain direction (h_0 = D_0: no zero-initialised bias).
+x moves along h_k, the average of D_0..D_{k−1} (h_0 = D_0 here: the paper leaves h_0 to the
+user, and D_0 gives a first step equal to SOBA's rather than none), and D_k enters the
+average after the step.  ``order="current"`` is the other convention, x_{k+1} = x_k − α_k h_{k+1}
+with h_{k+1} already holding D_k (as an exponential-moving-average optimiser does; this
+library's MA-SOBA before issue 19); with ``momentum=0`` it is SOBA.
+
+Parametrisation: the paper writes the average with θ_k, the weight of the *new* direction;
+``momentum`` here is the weight of the *old* average, momentum = 1 − θ (0.9 ↔ θ = 0.1), as
+in heavy-ball/Adam conventions.  ``radius`` optionally projects v on the ball of radius r
+after its step (as FdeHBO's Alg. 1 line 6; default ∞, none).
 
 Runs on the FMBO engine (:func:`torchbilevel.optim.soba.fresh_single_loop`): the engine
-takes the SOBA step for y and v and returns D_t as its η = 1 momentum, then x is stepped
-along h_t.  The state is a :class:`torchbilevel.SingleLoopState` whose ``h_f`` holds h_t.
+takes the SOBA step for y and v and returns D_k as its η = 1 momentum, then x is stepped
+along h.  The state is a :class:`torchbilevel.SingleLoopState` whose ``h_f`` holds the
+direction of the next x step (h_{k+1}).
 
 Cost per step: that of SOBA (about 4 gradient evaluations) plus two vector operations.
 """
@@ -30,31 +36,45 @@ from .schedule import value_at
 from .single_loop import SingleLoopState
 from .soba import _DOC_ARGS, fresh_single_loop
 
+ORDERS = ("paper", "current")
 
-def ma_soba(problem, *, lr_x, lr_y, lr_v, momentum=0.9, backend: str = "auto",
-            independent_outer_sample: bool = False, check_finite: bool = True):
-    """MA-SOBA: SOBA with a moving average h ← momentum·h + (1 − momentum)·D_x of the x
-    direction (momentum = 1 − θ of the paper; a number in [0, 1) or a callable of t).
+
+def ma_soba(problem, *, lr_x, lr_y, lr_v, momentum=0.9, order: str = "paper", radius=float("inf"),
+            backend: str = "auto", independent_outer_sample: bool = False, check_finite: bool = True):
+    """MA-SOBA (Chen, Xiao, Balasubramanian 2023, Alg. 1): SOBA with the x step along a
+    moving average h ← momentum·h + (1 − momentum)·D_x of the x direction (momentum = 1 − θ
+    of the paper; a number in [0, 1) or a callable of t).  ``order``: ``"paper"`` (x steps
+    along h_k, then D_k enters the average) or ``"current"`` (the average includes D_k
+    before the step).  ``radius``: projection of v on a ball (default ∞, none).
     """
     momentum = check_unit(momentum, "momentum", allow_schedule=True)
     if not callable(momentum) and momentum >= 1.0:
         raise ValueError(f"momentum must lie in [0, 1) (1 would never move x), got {momentum}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be 'paper' or 'current', got {order!r}")
+    lagged = order == "paper"
     name = "ma_soba"
     base, step_at = fresh_single_loop(problem, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, backend=backend,
                                       independent_outer_sample=independent_outer_sample,
-                                      check_finite=check_finite, name=name)
+                                      check_finite=check_finite, name=name, radius=radius)
 
     def step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
         t = s.step if isinstance(s, SingleLoopState) else 0
         alpha = value_at(lr_x, t, "lr_x")
         new = step_at(s, inner_batch, outer_batch, alpha)   # y, v: SOBA; new.h_f = D_t
+        d = new.h_f
         keep = 0.0 if t == 0 else value_at(momentum, t, "momentum", unit=True)
-        h = torch.lerp(new.h_f, s.h_f, keep) if keep else new.h_f      # momentum·h + (1−momentum)·D
-        x_new = torch.add(s.xf, h, alpha=-alpha)
+        avg = lambda h: torch.lerp(d, h, keep) if keep else d        # momentum·h + (1−momentum)·D
+        if lagged:
+            h_now = d if t == 0 else s.h_f                            # h_0 = D_0
+            h_next = avg(h_now)
+        else:
+            h_now = h_next = avg(s.h_f)
+        x_new = torch.add(s.xf, h_now, alpha=-alpha)
         if check_finite and not in_functorch_transform() and not bool(torch.isfinite(x_new.float().sum())):
             raise FloatingPointError(f"{name} step {t}: NaN/inf arose in the outer update (step size lr_x too "
                                      "large: x overflowed); the state passed in is unchanged")
-        return new._replace(xf=x_new, h_f=h)
+        return new._replace(xf=x_new, h_f=h_next)
 
     return base._replace(step=step)
 

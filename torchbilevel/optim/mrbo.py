@@ -10,7 +10,14 @@ samples.
 
 The estimate ∇̄f is the library's stocBiO estimator (Ji, Yang, Liang 2021, Alg. 3; see
 :func:`torchbilevel.stocbio`), called twice on one set of samples S = (D_F, B_1..B_Q,
-D_G) and one random stream, at z_t and z_{t−1}.  The paper's analysis decays the step
+D_G) and one random stream, at z_t and z_{t−1}.  Its q-th Neumann term applies
+(I − η∇yy g(B_q))···(I − η∇yy g(B_1)) to ∇y f: the paper's Π_{j=Q−q}^{Q} with the samples
+numbered in the other direction (B_j here is the paper's B_{Q+1−j}; i.i.d. samples, the
+same estimator).  The paper writes the momentum after the step, u_{k+1} = ∇y g(z_{k+1}) +
+(1 − α_{k+1})(u_k − ∇y g(z_k)) on one fresh sample, then steps along u_{k+1}: the h_t above
+with η^y = α_{k+1}, the same iterates.  Its first direction is the plain estimate (u_0 =
+∇y g(z_0)), as here; benchmark_bilevel's MRBO starts its memories at zero instead, so the
+two agree from the second step on.  The paper's analysis decays the step
 sizes as k^(-1/3) and the momentum weights as k^(-2/3) (the exponents benchmark_bilevel's
 MRBO uses); here α_t = ``lr_x``, β_t = ``lr_y`` and η^x, η^y = ``eta_x``, ``eta_y`` are
 given directly, each a number or a callable of t, so those schedules are one lambda away.  The
@@ -76,9 +83,13 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
             numbers or callables of t.  Default 0.5, the starting value of the momentum
             weight in benchmark_bilevel's MRBO (which decays it as t^(-2/3)).
         neumann_steps: Q, terms of the Neumann series (default 10, benchmark_bilevel's).
-        eta: the Neumann step η (< 1/L_g); default None uses ``lr_y`` (as benchmark_bilevel
-            does: the Neumann series is Q gradient steps on the linear system, stable for
-            the step that is stable for y).
+        eta: the Neumann step η (< 1/L_g), a number or a callable of t; default None uses
+            the value of ``lr_y`` at t = 0, held constant (the Neumann series is Q gradient
+            steps on the linear system, stable for the step that is stable for y).  A
+            decaying ``lr_y`` schedule does not decay η: a smaller η truncates the series
+            ``η Σ_{q≤Q} (I − η∇yy g)^q`` further from the inverse, a bias, not a smaller step.
+            benchmark_bilevel's MRBO does the same (its Neumann step ``hia_lr`` is the
+            constant initial step size while its inner step decays as t^(-1/3)).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``, the fused update's backend.
         check_finite: raise FloatingPointError naming the stage (state untouched) when a
             step produces NaN/inf; one host read per step.
@@ -94,7 +105,7 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
     eta_x = check_unit(eta_x, "eta_x", allow_schedule=True)
     eta_y = check_unit(eta_y, "eta_y", allow_schedule=True)
     neumann_steps = check_steps(neumann_steps, "neumann_steps")
-    eta = lr_y if eta is None else check_positive(eta, "eta", allow_schedule=True)
+    eta = value_at(lr_y, 0, "lr_y") if eta is None else check_positive(eta, "eta", allow_schedule=True)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     name = "mrbo"

@@ -6,8 +6,19 @@ y, on the linear-system variable v and on x, all at the current iterate.
     v_{t+1} = v_t − λ_t (∇yy g(x_t, y_t; ψ_t)·v_t − ∇y f(x_t, y_t; ψ_t))
     x_{t+1} = x_t − α_t (∇x f(x_t, y_t; ψ_t) − ∇xy g(x_t, y_t; ψ_t)·v_t)
 
-(the paper's D_y, D_v, D_x directions; its v solves ∇yy g·v = −∇y f, ours +∇y f, so its
-``+∇xy g·v`` is our ``−∇xy g·v``).  This is FMBO (FdeHBO paper, Alg. 2) with every momentum
+(the paper's D_y, D_v, D_x directions).  Against the paper and benchmark_bilevel's SOBA:
+
+* the sign of v: theirs solves ∇yy g·v = −∇y f, ours +∇y f (the convention of the rest of
+  the library), so their v is −v here and their ``+∇xy g·v`` our ``−∇xy g·v``; the iterates
+  x, y are the same.
+* samples: benchmark_bilevel evaluates ∇y g, ∇yy g·v and ∇xy g·v on one inner minibatch
+  (one vjp) and ∇f on one outer minibatch; here y's gradient uses its own inner sample ζ_t
+  and the linear system and the x direction share a second one, ψ_t (the FMBO engine's
+  draws, FdeHBO paper Alg. 2): with iterator batches each step draws two inner minibatches
+  and one outer.  With full batches the two coincide (issue 19 measured iterates equal to
+  2e-16 against a line-by-line port of the reference).
+* step sizes: the reference uses one step for y and v; here ``lr_v`` is separate
+  (``lr_v = lr_y`` is the reference's).  This is FMBO (FdeHBO paper, Alg. 2) with every momentum
 weight η = 1 and no projection of v, and it runs on the same engine
 (:mod:`torchbilevel.optim.single_loop`): same samples, fused update, data parallel (one
 all-reduce per step), guards, checkpoints.
@@ -41,18 +52,18 @@ _DOC_ARGS = """
 
 
 def fresh_single_loop(problem, *, lr_x, lr_y, lr_v, backend: str, independent_outer_sample: bool,
-                      check_finite: bool, name: str):
-    """The FMBO engine with η = 1 and no projection: with every η the constant 1 the engine
+                      check_finite: bool, name: str, radius=float("inf")):
+    """The FMBO engine with η = 1 (no projection by default): with every η the constant 1 the engine
     evaluates the current iterate only (the momentum brackets would be multiplied by 0), so
     a step costs half an FMBO step with momentum.
 
     Returns (algorithm, step_at) where ``step_at(s, inner_batch, outer_batch, lr_x)`` is the
     engine's step (``lr_x`` is accepted for MA-SOBA, which replaces the x update by its
-    own, and ignored: the engine's x step uses the schedule given here).
+    own, and ignored: the engine's x step uses the schedule given here).  ``radius``: the
+    engine's projection of v on a ball (∞: none).
     """
-    inf = float("inf")
     algo = single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0,
-                       radius=inf, delta=None, backend=backend, batched=None,
+                       radius=radius, delta=None, backend=backend, batched=None,
                        independent_outer_sample=independent_outer_sample, check_finite=check_finite, name=name)
 
     def step_at(s: SingleLoopState, inner_batch, outer_batch, alpha: float) -> SingleLoopState:
