@@ -271,11 +271,10 @@ def _dp_worker(rank, world, init_file, out_dir):
 
 def test_two_ranks_agree_with_one_process_or_fail_clearly(tmp_path):
     """torchrun's --shard path at 2 ranks, each holding half of every batch: with whole model
-    replicas (fsdp=False) every row equals one process on the full batches (float32: 1e-3
-    relative for FdeHBO, whose finite-difference products amplify rounding; 1e-5 for the
-    others; measured 1.2e-4 and ≤ 2e-6 after 8 steps). With FSDP2 (fsdp=True) the same, or,
-    where tb.nn.call cannot evaluate a fully_shard'ed module at the given y, a clear error
-    before any step on both ranks (never a silent zero hypergradient)."""
+    replicas (fsdp=False) and with FSDP2 (fsdp=True: 1/2 of every parameter per rank) every
+    row equals one process on the full batches (float32: 1e-3 relative for FdeHBO, whose
+    finite-difference products amplify rounding, and F2SA, whose λ-scaled difference of
+    two x-gradients does; 1e-5 for the others)."""
     import json
     import os
 
@@ -286,12 +285,12 @@ def test_two_ranks_agree_with_one_process_or_fail_clearly(tmp_path):
     cols = ["val_loss", *L.WEIGHT_COLUMNS]
     for fsdp in ("False", "True"):
         results = [r[fsdp] for r in ranks]
-        if isinstance(results[0], str):
-            assert fsdp == "True" and all("tb.nn.call" in m for m in results), results
-            continue
+        assert not isinstance(results[0], str), results          # FSDP2 runs (never a clear refusal now)
         for rec in results:
             assert [(r["method"], r["step"]) for r in rec] == [(r["method"], r["step"]) for r in one]
             for a, b in zip(rec, one):
-                tol = 1e-3 if a["method"] == "FdeHBO" else 1e-5
+                # float32: FdeHBO's finite differences and F2SA's λ(∇x g(y) − ∇x g(z)) amplify
+                # the rounding of a different reduction order
+                tol = 1e-3 if a["method"] in ("FdeHBO", "F2SA") else 1e-5
                 for c in cols:
                     assert abs(a[c] - b[c]) <= tol * max(abs(b[c]), 1e-3), (fsdp, a["method"], a["step"], c)

@@ -118,6 +118,21 @@ def scenarios(net, rank, world, dp):
     for _ in range(STEPS):
         s = algo.step(s, tr, va)
     out["double_loop first_order x=body"] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
+    # iterator batches: every rank draws its share of the same minibatches, none lost
+    def stream(data, seed):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            idx = torch.randperm(N, generator=gen)[:16]      # a global minibatch of 16
+            yield tuple(t[idx][rank::world] for t in data)
+    for name, algo in (("double_loop first_order streams", tb.double_loop(body, tb.first_order(), lr_x=0.1,
+                                                                          inner_steps=2, lr_y=0.2)),
+                       ("fdehbo streams", tb.fdehbo(body, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5,
+                                                    eta_v=0.5, radius=5.0))):
+        s = algo.init(x_b, y_h)
+        ib, ob = stream((X, t), 1), stream((Xv, tv), 2)
+        for _ in range(STEPS):
+            s = algo.step(s, ib, ob)
+        out[name] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
     return out
 
 

@@ -96,6 +96,7 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
             if _twice(estimator):
                 S.refuse(_method_name(estimator), x, y)
             # a sharded model: the estimator on the local shards, the result as DTensors
+            inner_batch, outer_batch = problem.check_uses(x, y, inner_batch, outer_batch)
             local, xl, yl, sx, sy = S.localize(problem, x, y)
             dx, aux = hypergrad(local, estimator, has_aux=True, check_finite=check_finite)(xl, yl, inner_batch,
                                                                                           outer_batch)

@@ -127,6 +127,9 @@ def localize(problem, x, y):
     check_consistent("y", y)
     local = Bilevel(objective(problem.outer, sx, sy), objective(problem.inner, sx, sy))
     local.shards = (sx, sy)
+    # the caller checked the user's problem (check_uses) on the full tensors: a new local
+    # problem per call must not check again (each check draws a sample from an iterator)
+    local._inner_uses_y = local._uses_x = True
     return local, to_local(x), to_local(y), sx, sy
 
 
