@@ -160,6 +160,16 @@ def refusals(net, rank, world):
         seen.append("no error")
     except ValueError as err:
         seen.append("ok" if str(err).startswith("v:") else str(err))
+    # bad input: unequal shares of the batch per rank (objectives are means)
+    (X, t), _ = data()
+    uneven = (X[:4 + rank], t[:4 + rank])
+    algo_u = tb.fdehbo(tb.distributed.data_parallel(problems(net)[0]), lr_x=0.1, lr_y=0.1, lr_v=0.1, radius=1.0)
+    s_u = algo_u.init(x_s, y_all)
+    try:
+        algo_u.step(s_u, uneven, uneven)
+        seen.append("no error")
+    except ValueError as err:
+        seen.append("ok" if "inner_batch" in str(err) and "equal share" in str(err) else str(err))
     from torch.distributed.fsdp import fully_shard
     half = model()
     if rank == 0:
@@ -216,7 +226,7 @@ def test_gradient_only_methods_on_a_sharded_model_equal_one_process(world, refer
         # each rank's state holds its shards: at 2 ranks at most 0.6 of one process's elements
         assert res["fdehbo state elements"]["n"] <= (0.6 if world == 2 else 0.4) * reference["fdehbo state elements"]["n"]
         assert res["fdehbo kinds"]["dtensor"] == 1.0           # state.y: DTensors, like the user's y
-        assert res["refusals"] == ["ok"] * 8, res["refusals"]
+        assert res["refusals"] == ["ok"] * 9, res["refusals"]
 
 
 def test_wrappers_that_ignore_the_given_tensors_raise():

@@ -118,6 +118,10 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
         return _call_frozen(module, params, args, kwargs)
 
 
+# The weak-keyed dictionaries below are process-wide on purpose: each caches a fact about a
+# module's structure (its RNN, norm and buffer submodules, buffers its forward was seen to
+# modify), the same for every thread and run that evaluates that module; no result depends
+# on which thread filled them, and a module that is garbage-collected drops its entry.
 # module -> type names of its RNN submodules (nn.LSTM, nn.GRU, nn.RNN)
 _RNNS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import buffers, randomness
 from . import tree as T
+from .ranks import check_equal_batches, gathered
 from .tracing import in_functorch_transform, in_sharded_step, use_func_mechanism
 
 __all__ = ["Bilevel", "draw", "check_params", "check_positive", "check_steps", "check_unit",
@@ -131,7 +132,10 @@ class Bilevel:
         first = draw(inner_batch, "inner_batch")
         if isinstance(inner_batch, collections.abc.Iterator):
             inner_batch = itertools.chain([first], inner_batch)
-        x, y = _gathered(x), _gathered(y)        # a sharded model: the objectives see full tensors
+        sharded = any(hasattr(t, "placements") for t in list(x.values()) + list(y.values()))
+        if self.reduce is not None or sharded:
+            check_equal_batches(first, outer_batch)
+        x, y = gathered(x), gathered(y)          # a sharded model: the objectives see full tensors
         xs = {k: t.detach().requires_grad_(True) for k, t in x.items()}
         ys = {k: t.detach().requires_grad_(True) for k, t in y.items()}
         state = randomness.capture(x, y)
@@ -206,13 +210,6 @@ class Bilevel:
         hook = "" if self.reduce is None else f", reduce={self.reduce!r}"
         feats = "" if self.features is None else f", features={name(self.features)}"
         return f"Bilevel(outer={name(self.outer_fn)}, inner={name(self.inner_fn)}{feats}{hook})"
-
-
-def _gathered(tree):
-    """DTensor values (a sharded model) all-gathered into plain full tensors (a collective:
-    every rank calls it at the same point); other values as they are."""
-    return {k: (t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "placements") else t)
-            for k, t in tree.items()}
 
 
 def _composed(fn, features):
