@@ -77,8 +77,9 @@ def test_split_errors():
     net = make_net()
     with pytest.raises(ValueError, match="no parameter"):
         tb.nn.split(net, inner=["tail"])
-    with pytest.raises(ValueError, match="every parameter"):
-        tb.nn.split(net, inner=lambda n, p: True)
+    # every parameter inner is legal (x lives outside the module: data reweighting)
+    x, y = tb.nn.split(net, inner=lambda n, p: True)
+    assert x == {} and set(y) == {n for n, _ in net.named_parameters()}
     with pytest.raises(TypeError, match="module"):
         tb.nn.split({"w": torch.ones(2)}, inner=["w"])
     with pytest.raises(TypeError, match="inner"):
