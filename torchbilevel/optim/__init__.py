@@ -7,8 +7,11 @@ from .fdehbo import fdehbo, fmbo
 from .ma_soba import ma_soba
 from .mrbo import MRBOState, mrbo
 from .outer import OuterState
+from .saba import SABAState, saba
 from .single_loop import SingleLoopState
 from .soba import soba
+from .srba import SRBAState, srba
 
 __all__ = ["Algorithm", "DoubleLoopState", "OuterState", "double_loop", "fdehbo", "fmbo", "SingleLoopState",
-           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState"]
+           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState",
+           "saba", "SABAState", "srba", "SRBAState"]
