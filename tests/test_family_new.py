@@ -497,6 +497,19 @@ def test_inner_objective_that_ignores_y_is_rejected(name):
     assert torch.equal(s.x["h"], x0["h"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_outer_objective_without_x_runs(name):
+    # hyper-cleaning's f depends on x only through y*: ∇x f = 0 must not be an error
+    prob0, inner, outer, _ = quadratic()
+    prob = tb.Bilevel(lambda x, y, c: 0.5 * ((y["w"] - c) ** 2).sum(), prob0.inner_fn)
+    algo = build(name, prob)
+    s = algo.init(*start())
+    it_in, it_out = stream(name, inner), stream(name, outer)
+    for _ in range(3):
+        s = algo.step(s, it_in, it_out)
+    assert not torch.equal(s.x["h"], start()[0]["h"]) and torch.isfinite(s.x["h"]).all()
+
+
 @pytest.mark.parametrize("which", ["inner_batch", "outer_batch"])
 @pytest.mark.parametrize("name", NAMES)
 def test_exhausted_iterator_is_named(name, which):

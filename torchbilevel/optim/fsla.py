@@ -108,7 +108,7 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
             psi2, zeta3 = draw(outer_batch, "outer_batch"), draw(inner_batch, "inner_batch")
 
             def direction(xf, yf, vf):
-                fx = gradient(f, xf, yf, psi2, argnums=0)[1][0]
+                fx = gradient(f, xf, yf, psi2)[1][0]       # both arguments: f may not depend on x
                 G.record(G.OUTER, fx)
                 jv = mixed_flat(problem, lx, ly, xf, yf, vf, zeta3)
                 G.record(G.MIXED, jv)
