@@ -607,3 +607,86 @@ def test_dropout_and_batchnorm_model_in_train_mode_stays_finite(name):
     assert int(bn.num_batches_tracked) - batches0 == 6 * per_step    # once per inner gradient step
     with torch.no_grad():
         assert torch.isfinite(f(s.x, s.y, torch.arange(64)))
+
+
+# ---------------------------------------------------------------- NaN at every call, NaN state
+class NanAt:
+    """Wrap an objective so that its ``k``-th call (1-based) returns NaN (0: never)."""
+
+    def __init__(self, fn, k=0):
+        self.fn, self.k, self.calls = fn, k, 0
+
+    def __call__(self, x, y, batch):
+        self.calls += 1
+        val = self.fn(x, y, batch)
+        return val * torch.tensor(math.nan, dtype=val.dtype) if self.calls == self.k else val
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_at_every_call_of_g_in_a_step_is_caught_and_named(name):
+    prob0, inner, outer, _ = quadratic()
+    fi = NanAt(prob0.inner_fn)
+    algo = build(name, tb.Bilevel(prob0.outer_fn, fi), fixed=True)
+    ib, ob = fixed(name, inner[0], outer[0])
+    s = algo.init(*start())
+    for _ in range(2):
+        s = algo.step(s, ib, ob)
+    fi.calls = 0
+    algo.step(s, ib, ob)
+    per_step = fi.calls
+    assert per_step >= 2
+    snap = [t.clone() for t in tensors(s)]
+    for k in range(1, per_step + 1):                  # NaN at every possible call of a step
+        fi.calls, fi.k = 0, k
+        with pytest.raises(FloatingPointError, match=rf"{name} step 2: NaN/inf arose in .*unchanged"):
+            algo.step(s, ib, ob)
+        assert all(torch.equal(a, b) for a, b in zip(snap, tensors(s)))
+    fi.k = 0
+    assert algo.step(s, ib, ob).step == 3
+
+
+CORRUPT = {"saba": "mem_g", "srba": "d_g", "amigo": "vf", "ttsa": "yf", "fsla": "h", "vrbo": "w"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_in_the_state_is_named(name):
+    prob, inner, outer, _ = quadratic()
+    algo = build(name, prob, fixed=True)
+    ib, ob = fixed(name, inner[0], outer[0])
+    s = algo.step(algo.init(*start()), ib, ob)
+    field = CORRUPT[name]
+    s = s._replace(**{field: torch.full_like(getattr(s, field), math.nan)})     # e.g. a corrupted checkpoint
+    with pytest.raises(FloatingPointError, match=rf"inputs: state\.{field} holds NaN/inf"):
+        algo.step(s, ib, ob)
+
+
+# ---------------------------------------------------------------- the model zoo in train mode
+def _zoo():
+    import test_model_zoo as Z
+    return Z
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("model", ["mlp_dropout", "cnn_bn", "transformer", "lstm_dropout", "resnet_bn"])
+def test_every_zoo_model_runs_in_train_mode(name, model):
+    Z = _zoo()
+    if model not in Z.MODELS:
+        pytest.skip(f"{model} not in the zoo")
+    z = Z.Zoo(model)
+    small = dict(lr_x=0.01, lr_y=0.1)
+    if name != "ttsa":
+        small["lr_v"] = 0.1
+    algo = build(name, z.prob, fixed=True, **small)
+    s = algo.init(z.x, z.y)
+    x0 = {k: t.clone() for k, t in z.x.items()}
+    ib, ob = fixed(name, z.ib, z.ob)
+    counts = [z.nbt()]
+    for _ in range(1 if name == "vrbo" else 2):          # a VRBO step already holds its SARAH differences
+        s = algo.step(s, ib, ob)
+        counts.append(z.nbt())
+    assert all(bool(torch.isfinite(t).all()) for t in list(s.x.values()) + list(s.y.values()))
+    assert any(not torch.equal(s.x[k], x0[k]) for k in x0)               # x moved
+    assert z.m.training
+    per_step = {"amigo": ALGOS["amigo"][1]["inner_steps"], "vrbo": ALGOS["vrbo"][1]["inner_steps"]}.get(name, 1)
+    for before, after in zip(counts, counts[1:]):                         # BatchNorm: once per inner step
+        assert [a - b for a, b in zip(after, before)] == [per_step] * len(before), counts
