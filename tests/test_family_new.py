@@ -319,7 +319,7 @@ ACCEPT = {
     "fsla": lambda lr: dict(lr_x=lr / 5, lr_y=lr, lr_v=lr),
     "vrbo": lambda lr: dict(lr_x=lr / 5, lr_y=lr, lr_v=lr, inner_steps=2, neumann_steps=3),
 }
-ACCEPT_LR = {"saba": 0.1, "srba": 0.1, "amigo": 0.3, "ttsa": 0.3, "fsla": 0.3, "vrbo": 0.3}
+ACCEPT_LR = {"saba": 0.3, "srba": 0.3, "amigo": 0.3, "ttsa": 0.3, "fsla": 0.3, "vrbo": 0.3}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -453,7 +453,9 @@ def test_checkpoint_resume_is_bit_identical(tmp_path, name):
     straight = s
     for _ in range(4):
         straight = algo.step(straight, it_in, it_out)
-    fresh = build(name, prob)                   # a newly built algorithm continues
+    # a newly built algorithm continues (TTSA's built with another seed: the truncation
+    # generator it continues with is the state's)
+    fresh = build(name, prob, **({"seed": 99} if name == "ttsa" else {}))
     resumed = fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
     assert type(resumed) is type(s) and resumed.step == 4
     it_in, it_out = stream(name, inner, drawn["in"]), stream(name, outer, drawn["out"])
