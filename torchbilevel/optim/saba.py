@@ -7,7 +7,7 @@ minibatch.  Each step draws one inner index i and one outer index j and evaluate
 (x_t, y_t, v_t) (our v solves ∇yy g·v = +∇y f; the paper's v has the opposite sign),
 
     r^g_i = [∇y g_i, ∇yy g_i·v, ∇xy g_i·v],    r^f_j = [∇y f_j, ∇x f_j]
-    D^g = r^g_i − m^g_i + (1/n_inner) Σ_k m^g_k,   then m^g_i ← r^g_i        (SAGA; §3.1, eq. (7))
+    D^g = r^g_i − m^g_i + (1/n_inner) Σ_k m^g_k,   then m^g_i ← r^g_i        (SAGA, per direction)
     D^f = r^f_j − m^f_j + (1/n_outer) Σ_k m^f_k,   then m^f_j ← r^f_j
     y_{t+1} = y_t − β D^g_y
     v_{t+1} = v_t − λ (D^g_{yy·v} − D^f_y)                                   (the paper's D_v)

@@ -2,15 +2,15 @@
 optimization: complexity analysis and application to actor-critic", SIAM J. Optim. 2023,
 Alg. 1): one SGD step on y on the fast timescale, one step on x on the slow timescale along
 a hypergradient whose inverse Hessian is the randomly truncated Neumann series of Ghadimi
-and Wang (2018, Alg. 3).
+and Wang (2018, Alg. 3; benchmark_bilevel's ``hia``).
 
-    y_{t+1} = y_t − β_t ∇y g(x_t, y_t; ζ_t)                                     (Alg. 1, line 4)
-    v_t     = Q η Π_{k=1..p} (I − η ∇yy g(x_t, y_{t+1}; ζ_k)) ∇y f(x_t, y_{t+1}; ψ_t),  p ~ U{0, .., Q−1}   (eq. (10))
-    x_{t+1} = x_t − α_t (∇x f(x_t, y_{t+1}; ψ_t) − ∇xy g(x_t, y_{t+1}; ζ_t)·v_t)    (Alg. 1, line 5)
+    y_{t+1} = y_t − β_t ∇y g(x_t, y_t; ζ_t)                                     (fast timescale)
+    v_t     = Q η Π_{k=1..p} (I − η ∇yy g(x_t, y_{t+1}; ζ_k)) ∇y f(x_t, y_{t+1}; ψ_t),  p ~ U{0, .., Q−1}
+    x_{t+1} = x_t − α_t (∇x f(x_t, y_{t+1}; ψ_t) − ∇xy g(x_t, y_{t+1}; ζ_t)·v_t)    (slow timescale)
     α_t = lr_x / (t + 1)^{decay_x},   β_t = lr_y / (t + 1)^{decay_y}
 
-The two timescales: α_t ∝ t^{−3/5}, β_t ∝ t^{−2/5} (the paper's choice, Theorem 1, and
-benchmark_bilevel's exponents 0.6, 0.4); set ``decay_x = decay_y = 0`` for constant steps.
+The two timescales: α_t ∝ t^{−3/5}, β_t ∝ t^{−2/5} (the paper's rates for the nonconvex case
+and benchmark_bilevel's exponents 0.6, 0.4); set ``decay_x = decay_y = 0`` for constant steps.
 Q = ``neumann_steps`` (default 10) and the Neumann step η = ``eta`` (default: ``lr_y``,
 benchmark_bilevel's ``n_hia_steps = 10`` and HIA step size, constant — never decayed with
 β_t).  The truncation p is drawn from a generator the state carries (``seed``), so a
