@@ -265,7 +265,7 @@ CONVERGE = {
     "amigo": (dict(lr_x=0.3, lr_y=0.5, lr_v=0.5), 100, 1e-6),
     "ttsa": (dict(lr_x=0.5, lr_y=0.5, neumann_steps=20, eta=0.3), 300, 3e-2),
     "fsla": (dict(lr_x=0.3, lr_y=0.5, lr_v=0.5), 300, 1e-6),
-    "vrbo": (dict(lr_x=0.3, lr_y=0.5, lr_v=0.3, neumann_steps=40), 100, 1e-3),
+    "vrbo": (dict(lr_x=0.3, lr_y=0.5, lr_v=0.3, neumann_steps=30), 50, 1e-3),
 }
 
 
