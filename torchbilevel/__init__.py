@@ -10,6 +10,8 @@ from .hypergrad import hypergrad
 from .optim import Algorithm, DoubleLoopState, SingleLoopState, double_loop, fdehbo, fmbo
 from .optim import schedule as schedules
 from .optim import BOMEState, F2SAState, MRBOState, bome, f2sa, ma_soba, mrbo, soba
+from .optim import AmIGOState, FSLAState, SABAState, SRBAState, TTSAState, amigo, fsla, saba, srba, ttsa
+from .optim import VRBOState, vrbo
 from .problem import Bilevel
 from .solvers import cg, fixed_point
 
@@ -19,4 +21,6 @@ __all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "fi
            "buffers", "randomness",
            "HypergradAux", "tree", "derivatives", "distributed", "guards", "nn", "double_loop", "DoubleLoopState",
            "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState",
-           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState"]
+           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState",
+           "saba", "SABAState", "srba", "SRBAState", "amigo", "AmIGOState", "fsla", "FSLAState",
+           "ttsa", "TTSAState", "vrbo", "VRBOState"]

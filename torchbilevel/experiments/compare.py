@@ -16,8 +16,11 @@ Methods (one step size ``lr`` from ``grid``; ``lr_x = x_ratio·lr``, every inner
 linear-system and Neumann step ``lr``; the rest at the library's defaults): the
 single-loop FdeHBO and FMBO (momentum weights ``eta``, radius ``radius``), SOBA, MA-SOBA,
 MRBO, F2SA, BOME, and the double-loop AID-CG and stocBiO (``inner_steps`` warm-started SGD
-steps, ``solver_steps`` CG / Neumann steps, SGD outer step).  Every run draws its batches
-from its own seeded streams; seeds change the streams, not the problem.
+steps, ``solver_steps`` CG / Neumann steps, SGD outer step); and the rest of
+benchmark_bilevel's family (issue 19) at their defaults: SABA and SRBA (the finite sum as
+n // batch_size fixed minibatches of a seeded partition, one drawn uniformly per draw as
+an ``(i, batch)`` pair), AmIGO, TTSA (its decaying steps), FSLA and VRBO.  Every run draws
+its batches from its own seeded streams; seeds change the streams, not the problem.
 
 Cost: oracle calls per step, counting a gradient of f or g (both arguments), a
 Hessian-vector product and a mixed product ∇xy g·v as one call each (:func:`oracles_per_step`).
@@ -46,8 +49,10 @@ __all__ = ["CompareConfig", "METHODS", "LABELS", "oracles_per_step", "finite_sum
            "run_grid", "summary", "tuned_curves", "run", "format_summary", "Task", "make_task", "SCORES"]
 
 LABELS = {"fdehbo": "FdeHBO", "fmbo": "FMBO", "soba": "SOBA", "ma_soba": "MA-SOBA", "mrbo": "MRBO",
-          "f2sa": "F2SA", "bome": "BOME", "aid_cg": "AID-CG", "stocbio": "stocBiO"}
+          "f2sa": "F2SA", "bome": "BOME", "aid_cg": "AID-CG", "stocbio": "stocBiO",
+          "saba": "SABA", "srba": "SRBA", "amigo": "AmIGO", "ttsa": "TTSA", "fsla": "FSLA", "vrbo": "VRBO"}
 METHODS = tuple(LABELS)
+PAIRED = ("saba", "srba")        # draw (i, batch) pairs of fixed minibatches
 SCORES = {"quadratic": "‖∇Φ‖² / ‖∇Φ(x_0)‖²", "hyperclean": "test loss"}
 
 
@@ -137,6 +142,7 @@ class Task(NamedTuple):
     streams: Callable[[int], tuple]
     metrics: Callable[[dict, dict], dict]
     score: str
+    pairs: Optional[Callable[[int], tuple]] = None    # (i, batch) streams for SABA / SRBA
 
 
 def make_task(c: "CompareConfig") -> Task:
@@ -154,7 +160,12 @@ def make_task(c: "CompareConfig") -> Task:
         def streams(seed):
             return (_stream(c.n, c.batch_size, 2 * seed, c.device), _stream(c.n, c.batch_size, 2 * seed + 1, c.device))
 
-        return Task(problem, x0, y0, streams, metrics, "grad_ratio")
+        parts = _partition(c.n, c.batch_size, c.device)
+
+        def pairs(seed):
+            return (_pairs(parts, lambda i: i, 2 * seed), _pairs(parts, lambda i: i, 2 * seed + 1))
+
+        return Task(problem, x0, y0, streams, metrics, "grad_ratio", pairs)
     from . import hyperclean as hc
     from .streams import minibatches
     hcfg = hc.HypercleanConfig(seed=0, device=c.device)
@@ -170,15 +181,56 @@ def make_task(c: "CompareConfig") -> Task:
         return (minibatches(data.train_x, data.train_noisy, batch_size=c.batch_size, seed=100 + seed, with_index=True),
                 minibatches(*data.val, batch_size=c.batch_size, seed=200 + seed))
 
-    return Task(tb.Bilevel(hc.outer_loss, hc.inner_loss(hcfg.reg)), x0, y0, streams, metrics, "test_loss")
+    tr, va = _partition(data.train_x.shape[0], c.batch_size, c.device), _partition(data.val[0].shape[0], c.batch_size,
+                                                                                   c.device)
+
+    def pairs(seed):
+        return (_pairs(tr, lambda i: (i, data.train_x[i], data.train_noisy[i]), 100 + seed),
+                _pairs(va, lambda i: tuple(t[i] for t in data.val), 200 + seed))
+
+    return Task(tb.Bilevel(hc.outer_loss, hc.inner_loss(hcfg.reg)), x0, y0, streams, metrics, "test_loss", pairs)
+
+
+def _partition(n, size, device):
+    """The n rows as n // size fixed minibatches of a seeded permutation (SABA / SRBA's finite sum)."""
+    size = min(size, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(12345))
+    return [order[k * size:(k + 1) * size].to(device) for k in range(n // size)]
+
+
+def _pairs(parts, batch_of, seed):
+    """Endless (i, batch_of(rows of minibatch i)) with i drawn uniformly from the fixed minibatches."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        i = int(torch.randint(len(parts), (1,), generator=gen))
+        yield i, batch_of(parts[i])
+
+
+def _n_fixed(c: CompareConfig):
+    """SABA / SRBA's numbers of fixed minibatches (inner, outer) on ``c.problem``."""
+    if c.problem == "quadratic":
+        k = c.n // min(c.batch_size, c.n)
+        return k, k
+    from . import hyperclean as hc
+    h = hc.HypercleanConfig()
+    return h.n_train // min(c.batch_size, h.n_train), h.n_val // min(c.batch_size, h.n_val)
 
 
 def oracles_per_step(name: str, c: CompareConfig) -> int:
-    """Oracle calls per step (gradient, HVP or mixed product = 1), from each method's docstring."""
+    """Oracle calls per step (gradient, HVP or mixed product = 1), from each method's docstring;
+    for SRBA and VRBO the periodic full-sum / large-batch steps spread over their period,
+    for TTSA the expected length of its random Neumann series (rounded)."""
     q_mrbo, t_bome = 10, 10                       # their defaults: neumann_steps, inner_steps
+    if name == "srba":                            # SARAH steps 8, a full sum 3 n_inner + n_outer
+        n_in, n_out = _n_fixed(c)
+        period = max(1, (n_in + n_out) // 2)
+        return round(8 * (period - 1) / period + (3 * n_in + n_out) / period)
+    m, q, period, large = 10, 10, 100, 10         # VRBO's defaults
     return {"fdehbo": 8, "fmbo": 8, "soba": 4, "ma_soba": 4, "mrbo": 2 * (q_mrbo + 3), "f2sa": 3,
             "bome": t_bome + 3, "aid_cg": c.inner_steps + c.solver_steps + 2,
-            "stocbio": c.inner_steps + c.solver_steps + 2}[name]
+            "stocbio": c.inner_steps + c.solver_steps + 2,
+            "saba": 4, "amigo": 10 + 10 + 2, "ttsa": round(3 + (10 - 1) / 2), "fsla": 7,
+            "vrbo": round(2 * m * (q + 3) + large * (q + 3) / period)}[name]
 
 
 def make_method(name: str, problem, lr: float, c: CompareConfig):
@@ -196,6 +248,13 @@ def make_method(name: str, problem, lr: float, c: CompareConfig):
         return tb.f2sa(problem, lr_x=lx, lr_y=lr, lr_z=lr)
     if name == "bome":
         return tb.bome(problem, lr_x=lx, lr_y=lr)
+    if name in PAIRED:
+        n_in, n_out = _n_fixed(c)
+        return getattr(tb, name)(problem, lr_x=lx, lr_y=lr, lr_v=lr, n_inner=n_in, n_outer=n_out)
+    if name in ("amigo", "fsla", "vrbo"):
+        return getattr(tb, name)(problem, lr_x=lx, lr_y=lr, lr_v=lr)
+    if name == "ttsa":
+        return tb.ttsa(problem, lr_x=lx, lr_y=lr)
     est = tb.aid(tb.cg(steps=c.solver_steps)) if name == "aid_cg" else tb.stocbio(c.solver_steps, lr)
     return tb.double_loop(problem, est, lr_x=lx, inner_steps=c.inner_steps, lr_y=lr, outer="sgd")
 
@@ -203,7 +262,7 @@ def make_method(name: str, problem, lr: float, c: CompareConfig):
 def _one_run(name, lr, seed, c: CompareConfig, task: Task):
     algo = make_method(name, task.problem, lr, c)
     s = algo.init(task.x0, task.y0)
-    it_in, it_out = task.streams(seed)
+    it_in, it_out = (task.pairs if name in PAIRED else task.streams)(seed)
     per_step = oracles_per_step(name, c)
     first = task.metrics(s.x, s.y)
     rows = [dict(method=name, lr=lr, seed=seed, step=0, oracles=0, seconds=0.0, score=first[task.score], **first)]
