@@ -55,9 +55,20 @@ BUILD = textwrap.dedent('''
             "double_loop-pzobo": tb.double_loop(prob, tb.pzobo(3, 0.2, 3, 1e-2, generator=gen), inner_steps=0,
                                                 **common),
             "double_loop-first_order": tb.double_loop(prob, tb.first_order(), inner_steps=2, **common),
+            # the family completed in the third round (SABA/SRBA: one (index, batch) pair, n = 1)
+            "saba": tb.saba(prob, lr_v=0.2, n_inner=1, n_outer=1, **common),
+            "srba": tb.srba(prob, lr_v=0.2, n_inner=1, n_outer=1, **common),
+            "amigo": tb.amigo(prob, lr_v=0.2, **common),
+            "vrbo": tb.vrbo(prob, lr_v=0.2, **common),
+            "ttsa": tb.ttsa(prob, **common),
+            "fsla": tb.fsla(prob, lr_v=0.2, **common),
         }
+
+    def batch_for(name, b):
+        """SABA and SRBA draw (index, batch) pairs."""
+        return (0, b) if name in ("saba", "srba") else b
 ''')
-exec(BUILD)  # problem(), algorithms(): the same code runs in the fresh process below
+exec(BUILD)  # problem(), algorithms(), batch_for(): the same code runs in the fresh process below
 
 NAMES = list(algorithms(problem()[0]))
 SPLIT, TOTAL = 8, 14
@@ -71,6 +82,7 @@ def straight(name):
     prob, x, y, b = problem()
     algo = algorithms(prob)[name]
     s = algo.init(x, y)
+    b = batch_for(name, b)
     for _ in range(TOTAL):
         s = algo.step(s, b, b)
     return flat_x(algo, s)
@@ -80,6 +92,7 @@ def straight(name):
 def test_resume_through_a_new_algorithm_object_is_bit_identical(name, tmp_path):
     ref = straight(name)
     prob, x, y, b = problem()
+    b = batch_for(name, b)
     algo = algorithms(prob)[name]
     s = algo.init(x, y)
     for _ in range(SPLIT):
@@ -87,6 +100,7 @@ def test_resume_through_a_new_algorithm_object_is_bit_identical(name, tmp_path):
     path = tmp_path / "state.pt"
     torch.save(algo.state_dict(s), path)
     prob2, _, _, b2 = problem()
+    b2 = batch_for(name, b2)
     fresh = algorithms(prob2)[name]                 # a newly built object, nothing shared
     r = fresh.load_state_dict(torch.load(path, weights_only=True))
     for _ in range(TOTAL - SPLIT):
@@ -99,6 +113,7 @@ def test_two_runs_interleaved_on_one_object_equal_the_runs_alone(name):
     alone = [None, None]
     for i, seed in enumerate((0, 1)):
         prob, x, y, b = problem(seed)
+        b = batch_for(name, b)
         algo = algorithms(prob)[name]
         s = algo.init(x, y)
         for _ in range(6):
@@ -107,6 +122,7 @@ def test_two_runs_interleaved_on_one_object_equal_the_runs_alone(name):
     # one algorithm object, two runs (different data and starts) stepped in turn
     prob0, x0, y0, b0 = problem(0)
     _, x1, y1, b1 = problem(1)
+    b0, b1 = batch_for(name, b0), batch_for(name, b1)
     algo = algorithms(prob0)[name]
     s0 = algo.init(x0, y0)
     s1 = algo.init(x1, y1)          # init of a second run touches nothing of the first
@@ -122,8 +138,9 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     algos = algorithms(prob)
     for name in NAMES:
         s = algos[name].init(x, y)
+        bb = batch_for(name, b)
         for _ in range(SPLIT):
-            s = algos[name].step(s, b, b)
+            s = algos[name].step(s, bb, bb)
         torch.save(algos[name].state_dict(s), tmp_path / f"{name}.pt")
     script = BUILD + textwrap.dedent(f'''
         import json, sys
@@ -132,8 +149,9 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
         out = {{}}
         for name in {NAMES!r}:
             s = algos[name].load_state_dict(torch.load(sys.argv[1] + "/" + name + ".pt", weights_only=True))
+            bb = batch_for(name, b)
             for _ in range({TOTAL - SPLIT}):
-                s = algos[name].step(s, b, b)
+                s = algos[name].step(s, bb, bb)
             out[name] = torch.cat([t.reshape(-1) for t in s.x.values()]).tolist()
         print(json.dumps(out))
     ''')

@@ -220,13 +220,13 @@ def oracles_per_step(name: str, c: CompareConfig) -> int:
     """Oracle calls per step (gradient, HVP or mixed product = 1), from each method's docstring;
     for SRBA and VRBO the periodic full-sum / large-batch steps spread over their period,
     for TTSA the expected length of its random Neumann series (rounded)."""
-    q_mrbo, t_bome = 10, 10                       # their defaults: neumann_steps, inner_steps
+    q_mrbo, t_bome, t_f2sa = 10, 10, 10           # their defaults: neumann_steps, inner_steps (BOME, F2SA)
     if name == "srba":                            # SARAH steps 8, a full sum 3 n_inner + n_outer
         n_in, n_out = _n_fixed(c)
         period = max(1, (n_in + n_out) // 2)
         return round(8 * (period - 1) / period + (3 * n_in + n_out) / period)
     m, q, period, large = 10, 10, 100, 10         # VRBO's defaults
-    return {"fdehbo": 8, "fmbo": 8, "soba": 4, "ma_soba": 4, "mrbo": 2 * (q_mrbo + 3), "f2sa": 3,
+    return {"fdehbo": 8, "fmbo": 8, "soba": 4, "ma_soba": 4, "mrbo": 2 * (q_mrbo + 3), "f2sa": 3 * t_f2sa + 3,
             "bome": t_bome + 3, "aid_cg": c.inner_steps + c.solver_steps + 2,
             "stocbio": c.inner_steps + c.solver_steps + 2,
             "saba": 4, "amigo": 10 + 10 + 2, "ttsa": round(3 + (10 - 1) / 2), "fsla": 7,
