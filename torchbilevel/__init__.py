@@ -12,6 +12,7 @@ from .optim import schedule as schedules
 from .optim import BOMEState, F2SAState, MRBOState, bome, f2sa, ma_soba, mrbo, soba
 from .problem import Bilevel
 from .solvers import cg, fixed_point
+from .tasks import over_tasks
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,4 @@ __all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "fi
            "buffers", "randomness",
            "HypergradAux", "tree", "derivatives", "distributed", "guards", "nn", "double_loop", "DoubleLoopState",
            "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState",
-           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState"]
+           "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState", "over_tasks"]
