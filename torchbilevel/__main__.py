@@ -52,6 +52,7 @@ EXPERIMENT_LINES = {
     "deep_hr": "deep hyper-representation: LeNet body (outer) and linear head (inner) on MNIST-5k",
     "weight_decay": "per-feature weight decay of logistic regression on scikit-learn digits or breast_cancer",
     "compare": "every stochastic method on a finite-sum quadratic, tuned on one step-size grid, at equal gradient evaluations and equal time",
+    "fewshot": "few-shot meta-learning: CNN4 body (outer) and per-task heads (inner) on 40 rotated MNIST-5k digit classes, 5-way 5-shot",
 }
 
 

@@ -10,12 +10,13 @@ and the experiment's metrics.
 * ``deep_hr``: deep hyper-representation, LeNet on MNIST-5k (FdeHBO §4.1, Hessian-free §4.2)
 * ``weight_decay``: per-feature weight decay, logistic regression (stocBiO paper app. A.2)
 * ``compare``: every stochastic method on a finite-sum quadratic, equal gradient evaluations and equal time
+* ``fewshot``: few-shot meta-learning, CNN4 on rotated MNIST-5k digits (stocBiO §5, Hessian-free §4.3)
 
 ``python -m torchbilevel demo`` / ``python -m torchbilevel run NAME`` run them.
 """
-from . import compare, deep_hr, hyperclean, shallow_hr, weight_decay
+from . import compare, deep_hr, fewshot, hyperclean, shallow_hr, weight_decay
 
-__all__ = ["EXPERIMENTS", "compare", "deep_hr", "hyperclean", "shallow_hr", "weight_decay"]
+__all__ = ["EXPERIMENTS", "compare", "deep_hr", "fewshot", "hyperclean", "shallow_hr", "weight_decay"]
 
 # name -> (module, config class); every module has run(config, progress=None)
 EXPERIMENTS = {
@@ -24,4 +25,5 @@ EXPERIMENTS = {
     "deep_hr": (deep_hr, deep_hr.DeepHRConfig),
     "weight_decay": (weight_decay, weight_decay.WeightDecayConfig),
     "compare": (compare, compare.CompareConfig),
+    "fewshot": (fewshot, fewshot.FewShotConfig),
 }

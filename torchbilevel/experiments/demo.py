@@ -23,6 +23,7 @@ TABLE_COLUMNS = {
     "deep_hr": ["method", "step", "seconds", "outer_acc", "test_acc", "test_loss"],
     "weight_decay": ["method", "step", "seconds", "test_acc", "test_loss", "val_loss", "mean_lam"],
     "compare": ["method", "lr", "step", "oracles", "seconds", "score", "test_acc"],
+    "fewshot": ["method", "step", "seconds", "test_acc", "final_acc", "ci95", "t_target"],
 }
 
 #: fixed number format of each table column (format spec of a float); others: ".4f"
@@ -31,6 +32,7 @@ COLUMN_FORMATS = {
     "test_loss": ".4f", "val_loss": ".4f", "phi": ".3e", "grad_norm": ".3e",
     "hypergrad_error": ".3e", "mean_lam": ".4f",
     "lr": "g", "oracles": "d", "score": ".3e",
+    "final_acc": ".3f", "ci95": ".3f", "t_target": ".1f",
 }
 
 #: what each column means, with its unit (printed under the table)
@@ -48,6 +50,9 @@ COLUMN_NOTES = {
     "mean_lam": "mean learned log weight decay λ",
     "lr": "step size tuned on the grid (lr_x = x_ratio·lr)",
     "oracles": "oracle calls (gradients, Hessian-vector and mixed products)",
+    "final_acc": "meta-test accuracy at the end, mean over the final test tasks (fraction correct)",
+    "ci95": "half-width of the 95 % interval of final_acc (1.96 standard errors over the test tasks)",
+    "t_target": "optimisation seconds until the curve's test accuracy first reached the target (- = never)",
     "score": "the metric the step size was tuned on, median over seeds: ‖∇Φ(x)‖² / ‖∇Φ(x_0)‖², exact (compare on the quadratic) or test loss (compare on hyperclean)",
 }
 
@@ -61,6 +66,7 @@ PLOTS = {
                  ("outer_acc", "outer (validation) accuracy (fraction)")], False),
     "weight_decay": ([("test_loss", "test loss (cross-entropy, nats)"),
                       ("test_acc", "test accuracy (fraction)")], False),
+    "fewshot": ([("test_acc", "meta-test accuracy on the curve's tasks (fraction)")], False),
     "compare": ([("score", "‖∇Φ(x)‖² / ‖∇Φ(x_0)‖² or test loss (median over seeds)")], True),
 }
 
@@ -89,6 +95,9 @@ def setting(experiment: str, config: Any) -> str:
     elif experiment == "weight_decay":
         text = (f"Per-feature weight decay, logistic regression on scikit-learn {c.dataset}: "
                 f"{c.train_fraction:.0%} train / {c.val_fraction:.0%} val / rest test")
+    elif experiment == "fewshot":
+        text = (f"Few-shot, rotated MNIST-5k ({c.train_classes} meta-train / {40 - c.train_classes} meta-test "
+                f"classes): {c.ways}-way {c.shots}-shot, CNN4 width {c.width}, {c.meta_batch} tasks per step")
     else:
         text = experiment
     return f"{text}; {_budget(c)}"
