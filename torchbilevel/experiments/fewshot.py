@@ -90,7 +90,7 @@ class FewShotConfig:
     test_steps: int | None = None
     lr_y: float = 0.5
     lr_x: float = 3e-3
-    reg: float = 1e-2
+    reg: float = 0.1
     directions: int = 1
     mu: float = 0.01
     imaml_steps: int = 5
