@@ -554,6 +554,32 @@ def section_pair_modes(run: Run):
     return go
 
 
+# ---------------------------------------------------------------- 6. few-shot meta-gradient (issue 18)
+
+def section_fewshot(run: Run):
+    """tb.over_tasks loop vs vmap (and the hand-written loop / torch.func vmap) on the
+    meta-gradient of bench/fewshot_cost.py: CNN4 width 32, 5-way 5-shot, 15 queries,
+    16 tasks, ITD(10) on the head; on CUDA vmap is expected to win (the rule of mode="auto")."""
+    def go(deadline):
+        import torchbilevel as tb
+        FC = _bench("fewshot_cost")
+        device = "cuda" if _cuda() else "cpu"
+        width, tasks = (4, 2) if run.dry else (32, FC.TASKS)
+        model, x, ys, support, query = FC.setup(width, device, tasks)
+        hg = tb.hypergrad(FC.anil_problem(model, FC.REG), tb.itd(FC.STEPS, FC.LR))
+        hand_vmap = FC.func_vmap(model)
+        fns = {"hand-written loop": lambda: FC.plain_loop(model, x, support, query),
+               "hand-written torch.func vmap": lambda: hand_vmap(x, support, query),
+               "over_tasks loop": lambda: tb.over_tasks(hg, "loop")(x, ys, support, query),
+               "over_tasks vmap": lambda: tb.over_tasks(hg, "vmap")(x, ys, support, query),
+               "over_tasks auto": lambda: tb.over_tasks(hg, "auto")(x, ys, support, query)}
+        sec, rounds, errors = measure_interleaved(fns, 2 if run.dry else 10, deadline=deadline)
+        rows = [{"case": k, "ms": 1e3 * v, "vs_loop": v / sec["over_tasks loop"]} for k, v in sec.items()]
+        return {"device": device, "width": width, "tasks": tasks, "rounds": rounds, "rows": rows,
+                "row_errors": errors}
+    return go
+
+
 # ---------------------------------------------------------------- targets and summary
 
 def targets(data) -> dict:
@@ -658,6 +684,7 @@ def main(argv=None):
             run.data["sections"][name] = {"status": "skipped", "reason": "not selected (--sections)"}
             continue
         run.section(name, sections[name], caps, mins)
+    run.section("fewshot", section_fewshot(run), {"fewshot": 25 if dry else 60}, {"fewshot": 10})
     run.data["targets"] = targets(run.data)
     run.data["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     run.write()
