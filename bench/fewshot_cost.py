@@ -5,7 +5,7 @@ ITD(10) on a linear head from 0 (ANIL), train-mode BatchNorm (per-task statistic
 
     python bench/fewshot_cost.py [--repeats 5] [--threads 1] [--device cpu] [--json out.json]
 
-Time: median over repeats of process CPU time on CPU (robust to other processes on a shared
+Time: median over interleaved rounds of process CPU time on CPU (robust to other processes on a shared
 machine), wall time after synchronising on CUDA.  Also prints the relative
 difference ‖d − d_loop‖/‖d_loop‖ of each meta-gradient from the hand-written loop (float32).
 """
@@ -22,12 +22,29 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_cost import timeit  # noqa: E402
 
 import torchbilevel as tb  # noqa: E402
 from torchbilevel.experiments.fewshot import CNN4, anil_problem  # noqa: E402
 
 WAYS, SHOTS, QUERIES, TASKS, STEPS, LR, REG = 5, 5, 15, 16, 10, 0.5, 1e-2
+
+
+def timeit(fn, repeats, device, warmup=True):
+    """Median seconds of ``fn()``: process CPU time on CPU, wall time after synchronising on CUDA."""
+    import time
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    if warmup:
+        fn()
+    out = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = clock()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append(clock() - t0)
+    return sorted(out)[len(out) // 2]
 
 
 def setup(width, device, tasks=TASKS, seed=0):
@@ -111,13 +128,21 @@ def main(argv=None):
         "over_tasks auto": lambda: tb.over_tasks(hg, "auto")(x, ys, support, query),
     }
     ref = cases["hand-written loop (autograd)"]()
-    rows = []
+    diffs = {}
     for name, fn in cases.items():
         out = fn()
+        fn()                           # warm-up
         # relative to the whole gradient (the conv biases' gradients are ~0 in exact
         # arithmetic: BatchNorm removes a per-channel constant)
-        diff = float(tb.tree.norm(tb.tree.sub(out, ref)) / tb.tree.norm(ref))
-        rows.append({"case": name, "seconds": timeit(fn, a.repeats, a.device), "max_rel_diff": diff})
+        diffs[name] = float(tb.tree.norm(tb.tree.sub(out, ref)) / tb.tree.norm(ref))
+    # interleaved rounds (each round times every case once), medians: drift in the load of
+    # the shared machine hits every case alike
+    times = {name: [] for name in cases}
+    for _ in range(a.repeats):
+        for name, fn in cases.items():
+            times[name].append(timeit(fn, 1, a.device, warmup=False))
+    rows = [{"case": name, "seconds": sorted(t)[len(t) // 2], "max_rel_diff": diffs[name]}
+            for name, t in times.items()]
     base = {r["case"]: r["seconds"] for r in rows}
     print(f"device={a.device} torch={torch.__version__} threads={torch.get_num_threads()} width={a.width} "
           f"tasks={a.tasks} {WAYS}-way {SHOTS}-shot {QUERIES} queries ITD({STEPS}) on the head")
