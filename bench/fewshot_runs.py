@@ -5,6 +5,7 @@ and 5-way 1-shot; one JSON record per part (the experiment's rows).
     python bench/fewshot_runs.py --part main --seeds 0,1,2 --out /tmp/fs_main.json
     python bench/fewshot_runs.py --part sweep --out /tmp/fs_sweep.json
     python bench/fewshot_runs.py --part oneshot --out /tmp/fs_1shot.json
+    python bench/fewshot_runs.py --part long --seconds 120 --out /tmp/fs_long.json
 """
 from __future__ import annotations
 
@@ -32,12 +33,15 @@ def runs(part: str, seeds, seconds: float):
         return [(f"T{t}-seed{s}", dataclasses.replace(base, inner_steps=t, solver_steps=t, seed=s,
                                                      methods=("itd", "aid_cg", "aid_fp")))
                 for s in seeds for t in (5, 10, 20)]
+    if part == "long":                 # ITD-BiO vs AID-BiO with many inner steps, longer budget
+        return [(f"T20-long-seed{s}", dataclasses.replace(base, inner_steps=20, solver_steps=20, seed=s,
+                                                          methods=("itd", "aid_cg"))) for s in seeds]
     raise ValueError(part)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("main", "sweep", "oneshot"), required=True)
+    ap.add_argument("--part", choices=("main", "sweep", "oneshot", "long"), required=True)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--out", required=True)
