@@ -62,14 +62,16 @@ def task(tree, i):
     return tuple(t[i] for t in tree) if isinstance(tree, tuple) else {k: t[i] for k, t in tree.items()}
 
 
+# PZOBO with mu = 1e-3: its difference quotient divides rounding by mu (at 1e-5 the modes,
+# whose batched and per-task convolutions round differently, agreed to 8e-10 only)
 ESTIMATORS = {
     "itd": lambda: tb.itd(4, 0.5),
     "itd-checkpoint": lambda: tb.itd(4, 0.5, checkpoint=True),
     "aid-cg": lambda: tb.aid(tb.cg(steps=4)),
     "aid-fp": lambda: tb.aid(tb.fixed_point(steps=4, lr=0.3)),
     "stocbio": lambda: tb.stocbio(4, 0.3),
-    "pzobo": lambda: tb.pzobo(3, 0.5, 2, 1e-5, generator=torch.Generator().manual_seed(3)),
-    "pzobo-sphere": lambda: tb.pzobo(3, 0.5, 2, 1e-5, distribution="sphere",
+    "pzobo": lambda: tb.pzobo(3, 0.5, 2, 1e-3, generator=torch.Generator().manual_seed(3)),
+    "pzobo-sphere": lambda: tb.pzobo(3, 0.5, 2, 1e-3, distribution="sphere",
                                      generator=torch.Generator().manual_seed(3)),
     "first_order": lambda: tb.first_order(),
 }
