@@ -15,7 +15,7 @@ x-gradients.  Two mechanisms, the same numbers (float64: 1e-10):
 * ``"vmap"``: ``torch.func.vmap`` over the tasks (one batched call; the estimators run
   their torch.func mechanism).
 * ``"auto"``: loop on CPU, vmap on CUDA (:data:`AUTO_RULE`; measured in bench/fewshot_cost.py:
-  CNN4 body, 5-way 5-shot, 16 tasks, ITD(10) on the head, the vmap mode costs 1.5-2.6x the
+  CNN4 body, 5-way 5-shot, 16 tasks, ITD(10) on the head, the vmap mode costs 1.5-2.9x the
   loop on a 2-core CPU, as does a hand-written ``torch.func`` vmap against a hand-written
   loop: batching the tasks' convolutions does not pay where one task already keeps the
   core busy.  On CUDA, 16 small tasks in one set of kernels is the expected win; not
@@ -44,7 +44,7 @@ __all__ = ["over_tasks", "MODES", "AUTO_RULE", "choose_mode", "task_count", "sta
 MODES = ("auto", "loop", "vmap")
 
 #: the rule ``mode="auto"`` applies, per call, from the device of x
-AUTO_RULE = ("loop on CPU (vmap measured 1.5-2.6x the loop there, bench/fewshot_cost.py), "
+AUTO_RULE = ("loop on CPU (vmap measured 1.5-2.9x the loop there, bench/fewshot_cost.py), "
              "vmap on CUDA and other accelerators")
 
 
