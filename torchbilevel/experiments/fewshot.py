@@ -74,7 +74,8 @@ class FewShotConfig:
     0.5 head step then diverges, and AID's formula, which assumes a converged head, does
     not see it; ITD differentiates the path actually taken); at 0.1 all of them learn.
     Default run: 8 methods x 20 s of optimisation plus evaluation (600 test tasks per
-    method), about 6-8 minutes on a 2-core CPU; tiny sizes via ``--set`` (see the tests).
+    method), about 5 minutes on a quiet 2-core CPU (7-14 minutes measured while other runs
+    shared it); tiny sizes via ``--set`` (see tests/test_fewshot.py).
     """
 
     ways: int = 5
