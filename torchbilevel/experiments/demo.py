@@ -66,7 +66,8 @@ PLOTS = {
                  ("outer_acc", "outer (validation) accuracy (fraction)")], False),
     "weight_decay": ([("test_loss", "test loss (cross-entropy, nats)"),
                       ("test_acc", "test accuracy (fraction)")], False),
-    "fewshot": ([("test_acc", "meta-test accuracy on the curve's tasks (fraction)")], False),
+    "fewshot": ([("test_acc", "meta-test accuracy on the curve's tasks (fraction)"),
+                 ("test_loss", "meta-test query loss (cross-entropy, nats)")], False),
     "compare": ([("score", "‖∇Φ(x)‖² / ‖∇Φ(x_0)‖² or test loss (median over seeds)")], True),
 }
 

@@ -292,8 +292,9 @@ def _fit_head(z, labels, cfg, steps):
     return w.detach(), b.detach()
 
 
-def evaluate_tasks(method: str, model: CNN4, cfg: FewShotConfig, x, tasks) -> list:
-    """Per-task query accuracies of ``method`` at x on the meta-batches ``tasks``."""
+def evaluate_tasks(method: str, model: CNN4, cfg: FewShotConfig, x, tasks, losses: list | None = None) -> list:
+    """Per-task query accuracies of ``method`` at x on the meta-batches ``tasks`` (and the
+    per-task query cross-entropies appended to ``losses`` when a list is given)."""
     accs = []
     steps = cfg.test_steps or cfg.inner_steps
     problem = imaml_problem(model, cfg.imaml_lam) if method == "imaml" else None
@@ -314,6 +315,8 @@ def evaluate_tasks(method: str, model: CNN4, cfg: FewShotConfig, x, tasks) -> li
                     w, b = _fit_head(zs, s[1], cfg, steps)
                     logits = zq @ w.T + b
                 accs.append(float((logits.argmax(-1) == q[1]).float().mean()))
+                if losses is not None:
+                    losses.append(float(F.cross_entropy(logits, q[1])))
     return accs
 
 
@@ -340,7 +343,9 @@ class _Evaluator:
         self.method, self.model, self.cfg, self.tasks = method, model, cfg, tasks
 
     def __call__(self, x, y):
-        return {"test_acc": interval95(evaluate_tasks(self.method, self.model, self.cfg, x, self.tasks))[0]}
+        losses = []
+        accs = evaluate_tasks(self.method, self.model, self.cfg, x, self.tasks, losses)
+        return {"test_acc": interval95(accs)[0], "test_loss": sum(losses) / len(losses)}
 
 
 def time_to(record: Sequence[dict], metric: str, target: float):
