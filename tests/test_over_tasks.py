@@ -205,6 +205,7 @@ def test_list_of_task_batches_is_stacked():
 
 def test_auto_picks_loop_on_cpu():
     assert tb.tasks.choose_mode({"a": torch.zeros(1)}) == "loop"
+    assert tb.tasks.choose_mode({"a": torch.zeros(1, device="meta")}) == "vmap"   # any accelerator
     assert "loop on CPU" in tb.tasks.AUTO_RULE
 
 
