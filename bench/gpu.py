@@ -63,10 +63,13 @@ PROBLEMS = {
 # ---------------------------------------------------------------- budget (seconds)
 
 BUDGET_S = 420            # gpu.sh kills the process at 465 s; the call's limit is 480 s
-SECTION_CAPS = {"env": 30, "kernel_tests": 150, "bandwidth": 140, "step_costs": 100, "pair_modes": 90, "scale": 60}
-SECTION_MIN = {"env": 1, "kernel_tests": 40, "bandwidth": 30, "step_costs": 20, "pair_modes": 15, "scale": 15}
-DRY_CAPS = {"env": 20, "kernel_tests": 40, "bandwidth": 35, "step_costs": 25, "pair_modes": 20, "scale": 30}
-DRY_BUDGET_S = 125
+SECTION_CAPS = {"env": 30, "kernel_tests": 150, "bandwidth": 140, "step_costs": 100, "pair_modes": 90, "scale": 60,
+                "fewshot": 60}
+SECTION_MIN = {"env": 1, "kernel_tests": 40, "bandwidth": 30, "step_costs": 20, "pair_modes": 15, "scale": 15,
+               "fewshot": 10}
+DRY_CAPS = {"env": 20, "kernel_tests": 40, "bandwidth": 35, "step_costs": 25, "pair_modes": 20, "scale": 30,
+            "fewshot": 25}
+DRY_BUDGET_S = 150
 
 GPU_SIZES = [2 ** k for k in (24, 26, 20, 22, 25, 21, 23)]   # most important first
 DRY_SIZES = [2 ** 10, 2 ** 12]
@@ -560,6 +563,29 @@ def section_scale(run: Run):
     def go(deadline):
         device = "cuda" if _cuda() else "cpu"
         return {"device": device, "rows": _bench("scale_rows").rows(device, run.dry, deadline)}
+# ---------------------------------------------------------------- 6. few-shot meta-gradient (issue 18)
+
+def section_fewshot(run: Run):
+    """tb.over_tasks loop vs vmap (and the hand-written loop / torch.func vmap) on the
+    meta-gradient of bench/fewshot_cost.py: CNN4 width 32, 5-way 5-shot, 15 queries,
+    16 tasks, ITD(10) on the head; on CUDA vmap is expected to win (the rule of mode="auto")."""
+    def go(deadline):
+        import torchbilevel as tb
+        FC = _bench("fewshot_cost")
+        device = "cuda" if _cuda() else "cpu"
+        width, tasks = (4, 2) if run.dry else (32, FC.TASKS)
+        model, x, ys, support, query = FC.setup(width, device, tasks)
+        hg = tb.hypergrad(FC.anil_problem(model, FC.REG), tb.itd(FC.STEPS, FC.LR))
+        hand_vmap = FC.func_vmap(model)
+        fns = {"hand-written loop": lambda: FC.plain_loop(model, x, support, query),
+               "hand-written torch.func vmap": lambda: hand_vmap(x, support, query),
+               "over_tasks loop": lambda: tb.over_tasks(hg, "loop")(x, ys, support, query),
+               "over_tasks vmap": lambda: tb.over_tasks(hg, "vmap")(x, ys, support, query),
+               "over_tasks auto": lambda: tb.over_tasks(hg, "auto")(x, ys, support, query)}
+        sec, rounds, errors = measure_interleaved(fns, 2 if run.dry else 10, deadline=deadline)
+        rows = [{"case": k, "ms": 1e3 * v, "vs_loop": v / sec["over_tasks loop"]} for k, v in sec.items()]
+        return {"device": device, "width": width, "tasks": tasks, "rounds": rounds, "rows": rows,
+                "row_errors": errors}
     return go
 
 
@@ -628,7 +654,7 @@ def main(argv=None):
     ap.add_argument("--cpu-dry-run", action="store_true", help="every section at tiny sizes on CPU (no CUDA needed)")
     ap.add_argument("--out", default=os.environ.get("OUT", "./out"), help="output folder (default $OUT or ./out)")
     ap.add_argument("--budget", type=float, default=None, help=f"seconds for all sections (default {BUDGET_S}; "
-                    "dry run 125)")
+                    "dry run 150)")
     ap.add_argument("--sections", default=None, help="comma-separated subset of " + ",".join(SECTION_CAPS))
     ap.add_argument("--force-shim", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -661,7 +687,8 @@ def main(argv=None):
     chosen = a.sections.split(",") if a.sections else list(SECTION_CAPS)
     sections = {"env": section_env(run, import_mode), "kernel_tests": section_kernel_tests(run),
                 "bandwidth": section_bandwidth(run), "step_costs": section_step_costs(run),
-                "pair_modes": section_pair_modes(run), "scale": section_scale(run)}
+                "pair_modes": section_pair_modes(run), "scale": section_scale(run),
+                "fewshot": section_fewshot(run)}
     for name in SECTION_CAPS:
         if name not in chosen:
             run.data["sections"][name] = {"status": "skipped", "reason": "not selected (--sections)"}

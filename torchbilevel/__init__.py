@@ -14,6 +14,7 @@ from .optim import AmIGOState, FSLAState, SABAState, SRBAState, TTSAState, amigo
 from .optim import VRBOState, vrbo
 from .problem import Bilevel
 from .solvers import cg, fixed_point
+from .tasks import over_tasks
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = ["Bilevel", "cg", "fixed_point", "aid", "itd", "stocbio", "pzobo", "fi
            "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState",
            "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState",
            "saba", "SABAState", "srba", "SRBAState", "amigo", "AmIGOState", "fsla", "FSLAState",
-           "ttsa", "TTSAState", "vrbo", "VRBOState"]
+           "ttsa", "TTSAState", "vrbo", "VRBOState",
+           "over_tasks"]

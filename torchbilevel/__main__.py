@@ -55,6 +55,7 @@ EXPERIMENT_LINES = {
     "weight_decay": "per-feature weight decay of logistic regression on scikit-learn digits or breast_cancer",
     "lm_reweight": "language-model data reweighting (ScaleBiO in miniature): weights of four text domains (two corrupted) for a 1M-parameter transformer, learned from held-out documentation loss",
     "compare": "every stochastic method on a finite-sum quadratic, tuned on one step-size grid, at equal gradient evaluations and equal time",
+    "fewshot": "few-shot meta-learning: CNN4 body (outer) and per-task heads (inner) on 40 rotated MNIST-5k digit classes, 5-way 5-shot",
 }
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "INSTALL_HINT",
     "mnist5k_path",
     "load_mnist5k",
+    "rotated_mnist5k_classes",
     "load_digits",
     "load_breast_cancer",
     "load",
@@ -99,6 +100,22 @@ def load_mnist5k(seed: int = 0, dtype: torch.dtype = torch.float32):
         )
     pixels, labels = table[:, :784] / 255.0, table[:, 784].astype(np.int64)
     return _permute(pixels, labels, seed, dtype)
+
+
+def rotated_mnist5k_classes(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """MNIST-5k as 40 few-shot classes: each digit rotated by 0, 90, 180 and 270 degrees
+    (the Omniglot benchmarks' rule: a rotation makes a new class), as a tensor of shape
+    ``(40, 500, 1, 28, 28)`` in [0, 1]; class ``4 * digit + quarter_turns``.  The file is
+    sorted by class; the order within a class is the file's (no shuffle)."""
+    path = mnist5k_path()
+    table = _read_table(path)
+    pixels, labels = table[:, :784] / 255.0, table[:, 784].astype(np.int64)
+    images = torch.as_tensor(np.ascontiguousarray(pixels), dtype=dtype).view(-1, 1, 28, 28)
+    labels = torch.as_tensor(labels)
+    per_digit = [images[labels == d] for d in range(10)]
+    if any(len(p) != 500 for p in per_digit):
+        raise DataUnavailableError(f"{path}: expected 500 images per digit, got {[len(p) for p in per_digit]}")
+    return torch.stack([torch.rot90(p, k, dims=(2, 3)) for p in per_digit for k in range(4)])
 
 
 def _sklearn_loader(name: str):

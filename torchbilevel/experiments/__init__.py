@@ -11,12 +11,13 @@ and the experiment's metrics.
 * ``weight_decay``: per-feature weight decay, logistic regression (stocBiO paper app. A.2)
 * ``compare``: every stochastic method on a finite-sum quadratic, equal gradient evaluations and equal time
 * ``lm_reweight``: domain weights of a small transformer's training mixture (ScaleBiO, Pan et al. 2025)
+* ``fewshot``: few-shot meta-learning, CNN4 on rotated MNIST-5k digits (stocBiO §5, Hessian-free §4.3)
 
 ``python -m torchbilevel demo`` / ``python -m torchbilevel run NAME`` run them.
 """
-from . import compare, deep_hr, hyperclean, lm_reweight, shallow_hr, weight_decay
+from . import compare, deep_hr, fewshot, hyperclean, lm_reweight, shallow_hr, weight_decay
 
-__all__ = ["EXPERIMENTS", "compare", "deep_hr", "hyperclean", "lm_reweight", "shallow_hr", "weight_decay"]
+__all__ = ["EXPERIMENTS", "compare", "deep_hr", "fewshot", "hyperclean", "lm_reweight", "shallow_hr", "weight_decay"]
 
 # name -> (module, config class); every module has run(config, progress=None)
 EXPERIMENTS = {
@@ -26,4 +27,5 @@ EXPERIMENTS = {
     "weight_decay": (weight_decay, weight_decay.WeightDecayConfig),
     "compare": (compare, compare.CompareConfig),
     "lm_reweight": (lm_reweight, lm_reweight.LMReweightConfig),
+    "fewshot": (fewshot, fewshot.FewShotConfig),
 }

@@ -24,6 +24,7 @@ TABLE_COLUMNS = {
     "weight_decay": ["method", "step", "seconds", "test_acc", "test_loss", "val_loss", "mean_lam"],
     "compare": ["method", "lr", "step", "oracles", "seconds", "score", "test_acc"],
     "lm_reweight": ["method", "step", "seconds", "val_loss", "w_docs", "w_code", "w_shuffled", "w_random"],
+    "fewshot": ["method", "step", "seconds", "test_acc", "final_acc", "ci95", "t_target"],
 }
 
 #: fixed number format of each table column (format spec of a float); others: ".4f"
@@ -33,6 +34,7 @@ COLUMN_FORMATS = {
     "hypergrad_error": ".3e", "mean_lam": ".4f",
     "lr": "g", "oracles": "d", "score": ".3e",
     "w_docs": ".3f", "w_code": ".3f", "w_shuffled": ".3f", "w_random": ".3f",
+    "final_acc": ".3f", "ci95": ".3f", "t_target": ".1f",
 }
 
 #: what each column means, with its unit (printed under the table)
@@ -54,6 +56,9 @@ COLUMN_NOTES = {
     "w_code": "learned weight of the standard-library source domain (clean)",
     "w_shuffled": "learned weight of the documentation with its words shuffled (corrupted)",
     "w_random": "learned weight of the random-characters domain (corrupted)",
+    "final_acc": "meta-test accuracy at the end, mean over the final test tasks (fraction correct)",
+    "ci95": "half-width of the 95 % interval of final_acc (1.96 standard errors over the test tasks)",
+    "t_target": "optimisation seconds until the curve's test accuracy first reached the target (- = never)",
     "score": "the metric the step size was tuned on, median over seeds: ‖∇Φ(x)‖² / ‖∇Φ(x_0)‖², exact (compare on the quadratic) or test loss (compare on hyperclean)",
 }
 
@@ -67,6 +72,8 @@ PLOTS = {
                  ("outer_acc", "outer (validation) accuracy (fraction)")], False),
     "weight_decay": ([("test_loss", "test loss (cross-entropy, nats)"),
                       ("test_acc", "test accuracy (fraction)")], False),
+    "fewshot": ([("test_acc", "meta-test accuracy on the curve's tasks (fraction)"),
+                 ("test_loss", "meta-test query loss (cross-entropy, nats)")], False),
     "compare": ([("score", "‖∇Φ(x)‖² / ‖∇Φ(x_0)‖² or test loss (median over seeds)")], True),
     "lm_reweight": ([("val_loss", "held-out documentation loss (nats per byte)"),
                      ("w_docs", "weight of docs (clean)"), ("w_code", "weight of code (clean)"),
@@ -103,6 +110,9 @@ def setting(experiment: str, config: Any) -> str:
         text = (f"LM data reweighting: {c.layers}-layer transformer (d = {c.d_model}), byte tokens, "
                 f"domains docs / code / shuffled / random, f = held-out docs"
                 f"{', FSDP2-sharded' if c.shard else ''}")
+    elif experiment == "fewshot":
+        text = (f"Few-shot, rotated MNIST-5k ({c.train_classes} meta-train / {40 - c.train_classes} meta-test "
+                f"classes): {c.ways}-way {c.shots}-shot, CNN4 width {c.width}, {c.meta_batch} tasks per step")
     else:
         text = experiment
     return f"{text}; {_budget(c)}"
