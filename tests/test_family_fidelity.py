@@ -11,7 +11,6 @@ Each reference draws its samples in the order the library's docstring states, so
 iterates must agree to rounding (1e-12).
 """
 import itertools
-import math
 
 import pytest
 import torch
@@ -58,7 +57,7 @@ def f2sa_reference(inner, outer, rho, x, y, *, lam, lr_x, lr_y, lr_z, T, shared,
             Ay, By = (Az, Bz) if shared else next(it_in)                         # φ_y
             cy = next(it_out)                                                    # ζ_y
             z, y = z - gamma * (Az @ z - Bz @ x), y - alpha * ((y - cy) + lk * (Ay @ y - By @ x))
-        (Ax, Bx), cx = next(it_in), next(it_out)                                 # φ_x, ζ_x
+        (_, Bx), _ = next(it_in), next(it_out)                                   # φ_x, ζ_x (A, c unused by ∇x)
         x = x - lr_x(k) * (rho * x + lk * (-Bx.T @ y + Bx.T @ z))
         out.append((x, y, z, lk))
     return out

@@ -210,7 +210,7 @@ def test_fsla_storm_direction_compares_new_and_previous_points():
         y_new = y - a["lr_y"] * (A1 @ y - B1 @ x)
         (A2, _), c1 = next(it_in), next(it_out)
         v_new = v - a["lr_v"] * (A2 @ v - (y_new - c1))
-        c2, (_, B3) = next(it_out), next(it_in)
+        _, (_, B3) = next(it_out), next(it_in)                # c unused by ∇x
         D = lambda xx, yy, vv: rho * xx + B3.T @ vv
         h = D(x, y_new, v_new) if t == 0 else D(x, y_new, v_new) + (1 - eta) * (h - D(x_prev, y, v))
         x_prev, x, y, v = x, x - a["lr_x"] * h, y_new, v_new

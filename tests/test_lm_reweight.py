@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import torchbilevel as tb
 from torchbilevel import __main__ as cli
 from torchbilevel import text
 from torchbilevel.experiments import lm_reweight as L

@@ -68,7 +68,9 @@ BUILD = textwrap.dedent('''
         """SABA and SRBA draw (index, batch) pairs."""
         return (0, b) if name in ("saba", "srba") else b
 ''')
-exec(BUILD)  # problem(), algorithms(), batch_for(): the same code runs in the fresh process below
+_NS: dict = {}
+exec(BUILD, _NS)  # the same code runs in the fresh process below
+problem, algorithms, batch_for = _NS["problem"], _NS["algorithms"], _NS["batch_for"]
 
 NAMES = list(algorithms(problem()[0]))
 SPLIT, TOTAL = 8, 14
