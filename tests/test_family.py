@@ -284,8 +284,10 @@ def test_data_parallel_hook_gives_the_same_trajectory_with_few_all_reduces(name)
 
 
 # ---------------------------------------------------------------- a module with dropout and BatchNorm
-@pytest.mark.parametrize("name", NAMES)
-def test_dropout_and_batchnorm_model_in_train_mode_stays_finite(name):
+def dropout_batchnorm_problem():
+    """A body with BatchNorm and dropout in train mode (outer) under a linear head (inner):
+    (model, x, y, g, f), objectives on index batches of 64 samples (shared by the family's
+    tests in test_family.py and test_family_new.py)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
     model.train()
@@ -300,6 +302,12 @@ def test_dropout_and_batchnorm_model_in_train_mode_stays_finite(name):
 
     def f(x, y, b):
         return ce(tb.nn.call(model, x, y, Xv[b]), labv[b])
+    return model, x, y, g, f
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_and_batchnorm_model_in_train_mode_stays_finite(name):
+    model, x, y, g, f = dropout_batchnorm_problem()
 
     def stream(seed):
         gg = torch.Generator().manual_seed(seed)

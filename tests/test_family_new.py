@@ -11,9 +11,9 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 import torchbilevel as tb
+from test_family import dropout_batchnorm_problem
 from test_single_loop import closed_form_minimiser, mean_problem, quadratic
 from torchbilevel.experiments.compare import finite_sum_quadratic
 
@@ -568,20 +568,7 @@ def test_data_parallel_hook_gives_the_same_trajectory_with_few_all_reduces(name)
 # ---------------------------------------------------------------- a module with dropout and BatchNorm
 @pytest.mark.parametrize("name", NAMES)
 def test_dropout_and_batchnorm_model_in_train_mode_stays_finite(name):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
-    model.train()
-    x, y = tb.nn.split(model, inner=["4"])                 # body outer, linear head inner
-    gen = torch.Generator().manual_seed(1)
-    X, Xv = torch.randn(64, 6, generator=gen, dtype=DT), torch.randn(64, 6, generator=gen, dtype=DT)
-    lab, labv = torch.randint(3, (64,), generator=gen), torch.randint(3, (64,), generator=gen)
-    ce = nn.functional.cross_entropy
-
-    def g(x, y, b):
-        return ce(tb.nn.call(model, x, y, X[b]), lab[b]) + 0.05 * sum((t ** 2).sum() for t in y.values())
-
-    def f(x, y, b):
-        return ce(tb.nn.call(model, x, y, Xv[b]), labv[b])
+    model, x, y, g, f = dropout_batchnorm_problem()
 
     parts = torch.arange(64).view(4, 16)
 
