@@ -243,3 +243,11 @@ def test_float32_fd_products_within_5e_4_of_exact_at_every_scale(y_norm, v_norm)
     for got, exact in ((p.hvp, hv), (p.mixed, jv)):
         err = norm({k: got[k].double() - exact[k] for k in exact}) / norm(exact)
         assert err < 5e-4, (y_norm, v_norm, float(err))
+
+
+def test_gradient_of_an_objective_independent_of_the_requested_inputs_is_zero():
+    # f of data hyper-cleaning does not depend on x: ∇x f = 0, not an autograd error
+    f = lambda x, y, b: (y["w"] ** 2).sum()
+    x, y = {"h": torch.ones(2, dtype=torch.float64)}, {"w": torch.ones(3, dtype=torch.float64)}
+    val, (gx,) = D.gradient(f, x, y, None, argnums=0)
+    assert torch.equal(gx["h"], torch.zeros(2, dtype=torch.float64)) and float(val) == 3.0

@@ -60,7 +60,10 @@ def gradient(fn, x, y, batch, argnums=(0, 1), mode: str = "auto", create_graph: 
             args[i] = _rebuild(args[i], leaves)
         val = fn(args[0], args[1], batch)
         flat = [t for group in inputs for t in group]
-        gs = torch.autograd.grad(val, flat, create_graph=create_graph, allow_unused=True)
+        # an objective independent of every requested input (f of hyper-cleaning in x) has
+        # no graph: its gradient is zero, not an autograd error
+        gs = (torch.autograd.grad(val, flat, create_graph=create_graph, allow_unused=True)
+              if val.requires_grad else [None] * len(flat))
     gs = [torch.zeros_like(t) if gi is None else (gi if create_graph else gi.detach()) for gi, t in zip(gs, flat)]
     out, pos = [], 0
     for i, leaves in zip(argnums, inputs):
