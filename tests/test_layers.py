@@ -133,8 +133,8 @@ def _bn_problem(seed):
     return net, tb.Bilevel(outer=outer, inner=inner), x, y, (X, t)
 
 
-def _run(seed, steps, barrier=None):
-    net, prob, x, y, b = _bn_problem(seed)
+def _run(built, steps, barrier=None):
+    net, prob, x, y, b = built
     algo = tb.fdehbo(prob, lr_x=0.05, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
     s = algo.init(x, y)
     for _ in range(steps):
@@ -146,12 +146,15 @@ def _run(seed, steps, barrier=None):
 
 def test_two_threads_running_two_problems_do_not_mix():
     # frozen flags, buffer counts, journals and traces are per thread: each thread's run
-    # (with BatchNorm running statistics and their decisions) equals the same run alone
-    alone = [_run(seed, 4) for seed in (0, 1)]
+    # (with BatchNorm running statistics and their decisions) equals the same run alone.
+    # The models are built here, in one thread: their initialisation draws from torch's
+    # global generator, which threads share.
+    alone = [_run(_bn_problem(seed), 4) for seed in (0, 1)]
+    built = [_bn_problem(seed) for seed in (0, 1)]
     barrier, out = threading.Barrier(2), [None, None]
 
     def work(i):
-        out[i] = _run(i, 4, barrier)
+        out[i] = _run(built[i], 4, barrier)
     threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
     for th in threads:
         th.start()

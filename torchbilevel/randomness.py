@@ -21,6 +21,11 @@ Under ``torch.compile`` the generator state cannot be read (dynamo refuses
 ``torch.get_rng_state``): there :func:`capture` returns None and :func:`restore` does
 nothing, so compiled steps of objectives that draw random numbers do not replay their
 streams (objectives without dropout are unaffected).
+
+Threads: torch's generators are process-wide, so two threads running models with dropout
+at once draw from (and rewind) one stream; their results then depend on the interleaving.
+Everything else the library keeps per call is per thread (tests/test_layers.py): run
+stochastic models of different problems in separate processes, or in one thread.
 """
 from __future__ import annotations
 
