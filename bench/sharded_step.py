@@ -83,6 +83,7 @@ def main():
     if rank == 0:
         print(json.dumps(row))
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -60,6 +60,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.set_num_threads(1)
         problem = tb.distributed.data_parallel(tb.Bilevel(outer=outer, inner=inner))
         torch.save(scenarios(problem, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()          # every rank done before the group goes (gloo aborts a rank left alone)
     finally:
         dist.destroy_process_group()
 

@@ -264,6 +264,7 @@ def _dp_worker(rank, world, init_file, out_dir):
                 out[str(fsdp)] = str(err)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
+        dist.barrier()          # every rank done before the group goes (gloo aborts a rank left alone)
     finally:
         dist.destroy_process_group()
 

@@ -195,6 +195,7 @@ def _worker(rank, world, init_file, out_dir, dp):
         res = scenarios(net, rank, world, dp)
         res["refusals"] = refusals(net, rank, world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()          # every rank done before the group goes (gloo aborts a rank left alone)
     finally:
         dist.destroy_process_group()
 

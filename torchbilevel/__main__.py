@@ -242,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank = torch.distributed.get_rank()
     try:
         result = demo(args.experiment, config, out=out, progress=not args.no_progress and rank == 0)
+        if getattr(config, "shard", False) and torch.distributed.is_initialized():
+            torch.distributed.barrier()      # rank 0 writes the files: nobody leaves the group before
     except (DataUnavailableError, getattr(module, "CallIgnoresParameters", DataUnavailableError)) as err:
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
