@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import torchbilevel as tb
+from spawning import spawn
 
 DT = torch.float64
 WORLD = 2
@@ -123,7 +123,8 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def run_distributed(tmp_dir):
-    mp.spawn(_worker, args=(WORLD, os.path.join(tmp_dir, "rendezvous"), tmp_dir), nprocs=WORLD, join=True)
+    rdv = os.path.join(tmp_dir, "rendezvous")
+    spawn(_worker, (WORLD, rdv, tmp_dir), WORLD, [os.path.join(tmp_dir, f"rank{r}.pt") for r in range(WORLD)], rdv)
     return [torch.load(os.path.join(tmp_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+from spawning import TEARDOWN_ABORT
 
 import torchbilevel as tb
 import torchbilevel.experiments
@@ -136,9 +137,16 @@ def test_readme_python_block_runs_as_written(index, tmp_path):
     script.write_text(PY_BLOCKS[index], encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, f"README block {index} failed:\n{PY_BLOCKS[index][:300]}\n{res.stderr[-3000:]}"
+    for attempt in (0, 1):
+        res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        # multi-process programs: gloo occasionally aborts a worker in teardown, after its work
+        # (tests/spawning.py); a result printed before that counts, else the run is retried once
+        teardown = "mp.spawn" in PY_BLOCKS[index] and TEARDOWN_ABORT in res.stderr
+        if res.returncode == 0 or (teardown and res.stdout.strip()) or not teardown:
+            break
+    assert res.returncode == 0 or (teardown and res.stdout.strip()), \
+        f"README block {index} failed:\n{PY_BLOCKS[index][:300]}\n{res.stderr[-3000:]}"
     assert res.stdout.strip(), f"README block {index} printed nothing"
 
 

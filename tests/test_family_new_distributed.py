@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import torchbilevel as tb
+from spawning import spawn
 from test_distributed import BS, N, TOL, WORLD, data, inner, outer, start, stream
 
 PARTS = torch.randperm(N, generator=torch.Generator().manual_seed(3)).view(N // BS, BS)
@@ -70,7 +70,8 @@ def results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     tmp = str(tmp_path_factory.mktemp("dist_family"))
-    mp.spawn(_worker, args=(WORLD, os.path.join(tmp, "rendezvous"), tmp), nprocs=WORLD, join=True)
+    rdv = os.path.join(tmp, "rendezvous")
+    spawn(_worker, (WORLD, rdv, tmp), WORLD, [os.path.join(tmp, f"rank{r}.pt") for r in range(WORLD)], rdv)
     ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     return ranks, scenarios(tb.Bilevel(outer=outer, inner=inner), 0, 1)
 

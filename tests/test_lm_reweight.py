@@ -278,8 +278,9 @@ def test_two_ranks_agree_with_one_process_or_fail_clearly(tmp_path):
     import json
     import os
 
-    import torch.multiprocessing as mp
-    mp.spawn(_dp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    from spawning import spawn
+    rdv = str(tmp_path / "rendezvous")
+    spawn(_dp_worker, (2, rdv, str(tmp_path)), 2, [os.path.join(tmp_path, f"rank{r}.json") for r in range(2)], rdv)
     ranks = [json.load(open(os.path.join(tmp_path, f"rank{r}.json"))) for r in range(2)]
     one = L.run(L.LMReweightConfig(**_DP))
     cols = ["val_loss", *L.WEIGHT_COLUMNS]

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import torchbilevel as tb
+from spawning import spawn
 
 DT = torch.float64
 N, D_IN, H = 48, 6, 12          # samples (divisible by 2 and 4), inputs, hidden units
@@ -201,7 +201,8 @@ def _worker(rank, world, init_file, out_dir, dp):
 
 
 def run(world, tmp_dir, dp=True):
-    mp.spawn(_worker, args=(world, os.path.join(tmp_dir, "rendezvous"), tmp_dir, dp), nprocs=world, join=True)
+    rdv = os.path.join(tmp_dir, "rendezvous")
+    spawn(_worker, (world, rdv, tmp_dir, dp), world, [os.path.join(tmp_dir, f"rank{r}.pt") for r in range(world)], rdv)
     return [torch.load(os.path.join(tmp_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
