@@ -5,6 +5,7 @@ about 1 of 20 multi-process launches on this 2-core machine, never before the wo
 done).  These helpers retry such a launch once, and only that failure: any other error,
 or an abort before every rank's result exists, fails the test."""
 import os
+import warnings
 
 import torch.multiprocessing as mp
 
@@ -27,6 +28,8 @@ def spawn(fn, args, nprocs, results, rendezvous=None):
             if TEARDOWN_ABORT not in str(err):
                 raise
             if all(os.path.exists(p) for p in results):
-                return                       # aborted in teardown, after its work
+                warnings.warn(f"gloo aborted a worker in teardown, after its work: accepted ({err})")
+                return
             if attempt == 1:
                 raise
+            warnings.warn(f"gloo aborted a worker before every result was written: retrying once ({err})")

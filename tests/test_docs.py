@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,9 @@ def test_readme_python_block_runs_as_written(index, tmp_path):
         # (tests/spawning.py); a result printed before that counts, else the run is retried once
         teardown = "mp.spawn" in PY_BLOCKS[index] and TEARDOWN_ABORT in res.stderr
         if res.returncode == 0 or (teardown and res.stdout.strip()) or not teardown:
+            if res.returncode != 0:
+                warnings.warn(f"README block {index}: gloo aborted a worker in teardown after the result "
+                              "was printed: accepted")
             break
     assert res.returncode == 0 or (teardown and res.stdout.strip()), \
         f"README block {index} failed:\n{PY_BLOCKS[index][:300]}\n{res.stderr[-3000:]}"
