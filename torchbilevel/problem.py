@@ -77,7 +77,7 @@ class Bilevel:
     ``f`` / ``g`` of ``(z, y, batch)``.
     """
     __slots__ = ("outer", "inner", "outer_fn", "inner_fn", "reduce", "features", "head_outer", "head_inner",
-                 "_inner_uses_y", "_uses_x", "shards")
+                 "_inner_uses_y", "_uses_x", "shards", "_ranks_checked")
 
     def __init__(self, outer: Objective, inner: Objective, *, features: Optional[Callable] = None,
                  reduce: Optional[Callable[[Tensor], Tensor]] = None):
@@ -102,6 +102,7 @@ class Bilevel:
         self.reduce = reduce
         self._inner_uses_y = False
         self._uses_x = False
+        self._ranks_checked = False      # sharding.localize: every rank shards the same keys (once)
         # (Specs of x, Specs of y) when the objectives run on local shards of a sharded model
         # (set by torchbilevel.sharding.localize), else None
         self.shards = None

@@ -123,8 +123,10 @@ def localize(problem, x, y):
     mean over ranks is already in the objectives), the local dicts and their specs."""
     from .problem import Bilevel
     sx, sy = specs(x), specs(y)
-    check_consistent("x", x)
-    check_consistent("y", y)
+    if not problem._ranks_checked:       # one all-reduce per key, once per problem, not per call
+        check_consistent("x", x)
+        check_consistent("y", y)
+        problem._ranks_checked = True
     local = Bilevel(objective(problem.outer, sx, sy), objective(problem.inner, sx, sy))
     local.shards = (sx, sy)
     # the caller checked the user's problem (check_uses) on the full tensors: a new local
