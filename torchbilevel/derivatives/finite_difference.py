@@ -160,7 +160,11 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
             _, grads_, mean = run(False)
     else:
         _, grads_, mean = run(bool(batched))
-    out = dict(zip(wrt, grads_))
+    # A zero direction gives exactly zero products: the two rows of the vmapped pair may
+    # round differently on some CPUs (~1e-27 instead of 0), so mask them; a 0-d bool, no
+    # host read (composes with vmap and torch.compile).
+    live = T.sqnorm(v) != 0
+    out = {i: {k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for i, tr in zip(wrt, grads_)}
     return FDProducts(out.get(1), out.get(0), d_t, bool(ran), mean)
 
 
