@@ -16,7 +16,7 @@ KERNELS = ROOT.parent / "kernels"          # installed as torchbilevel.kernels
 # rank of each top-level part: a module may import only parts of lower rank, or its own
 LAYERS = {
     "tracing": 0, "tree": 0, "kernels": 0,
-    "randomness": 1, "buffers": 1, "guards": 1, "ranks": 1,
+    "randomness": 1, "buffers": 1, "guards": 1, "ranks": 1, "units": 1,
     "problem": 2,
     "derivatives": 3, "solvers": 3, "features": 3, "distributed": 3, "sharding": 3, "wrappers": 3,
     "nn": 4, "estimators": 4,

@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from . import buffers as B
 from . import tree as T
+from . import units as U
 from .derivatives.second_order import cudnn_rnns_seen, math_attention_active, note_cudnn_rnn
 from .wrappers import check_unwrapped, gathered, warn_math_attention, without_fsdp_hooks
 
@@ -93,8 +94,14 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     Composes with torch.func transforms.
 
     Sharded models (FSDP2, ``fully_shard``): the module is evaluated at the tensors given,
-    never at its own parameters — DTensor values are all-gathered here (their gradient is
-    reduce-scattered back to the shards) and FSDP's own hooks are bypassed for the call.
+    never at its own parameters.  DTensor values are gathered one fully_shard unit at a
+    time, as FSDP's own forward does: each unit's parameters just before it runs, dropped
+    after its forward, gathered again by its backward (their gradient is reduce-scattered
+    back to the shards); FSDP's own hooks are bypassed for the call.  FSDP2's
+    MixedPrecisionPolicy is honoured (parameters and inputs cast to ``param_dtype`` after the
+    gather, gradients reduced in the shards' dtype).  Pass the dicts as given (``x``, ``y``):
+    a parameter read outside the module (or a dict rebuilt from their entries) is gathered
+    whole.
     Wrappers whose forward ignores the tensors given (DistributedDataParallel, FSDP1, a
     ``torch.compile``d module) raise TypeError naming the module to pass instead.
     """
@@ -102,20 +109,30 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     if overlap:
         raise ValueError(f"x and y share parameter names: {sorted(overlap)}")
     check_unwrapped(module)
-    params = {**dict(module.named_buffers()), **(buffers or {}), **gathered(x), **gathered(y)}
+    px, sx = gathered(module, x)
+    py, sy = gathered(module, y)
+    params = {**dict(module.named_buffers()), **(buffers or {}), **px, **py}
     _note_cudnn_rnns(module)
     if math_attention_active():
         warn_math_attention(module)
+    if sx or sy:
+        with without_fsdp_hooks(module), U.unit_hooks(module), U.regathering(), U.explained():
+            return _call(module, params, args, kwargs)
     with without_fsdp_hooks(module):
-        if not module.training:
-            return functional_call(module, params, args, kwargs)
-        if _buffer_names(module):
-            B.note_train_buffers()
-        if not B.is_frozen():
-            # running statistics about to move: journal them so a failed step can put them back
-            B.journal(t for n, t in params.items() if n in _buffer_names(module))
-            return functional_call(module, params, args, kwargs)
-        return _call_frozen(module, params, args, kwargs)
+        return _call(module, params, args, kwargs)
+
+
+def _call(module, params, args, kwargs):
+    """functional_call with the buffer policy of torchbilevel.buffers (frozen or journaled)."""
+    if not module.training:
+        return functional_call(module, params, args, kwargs)
+    if _buffer_names(module):
+        B.note_train_buffers()
+    if not B.is_frozen():
+        # running statistics about to move: journal them so a failed step can put them back
+        B.journal(t for n, t in params.items() if n in _buffer_names(module))
+        return functional_call(module, params, args, kwargs)
+    return _call_frozen(module, params, args, kwargs)
 
 
 # The weak-keyed dictionaries below are process-wide on purpose: each caches a fact about a

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import buffers, randomness
 from . import tree as T
-from .ranks import check_equal_batches, gathered
+from . import units
+from .ranks import check_equal_batches
 from .tracing import in_functorch_transform, in_sharded_step, use_func_mechanism
 
 __all__ = ["Bilevel", "draw", "check_params", "check_positive", "check_steps", "check_unit",
@@ -136,13 +137,15 @@ class Bilevel:
         sharded = any(hasattr(t, "placements") for t in list(x.values()) + list(y.values()))
         if self.reduce is not None or sharded:
             check_equal_batches(first, outer_batch)
-        x, y = gathered(x), gathered(y)          # a sharded model: the objectives see full tensors
         xs = {k: t.detach().requires_grad_(True) for k, t in x.items()}
         ys = {k: t.detach().requires_grad_(True) for k, t in y.items()}
+        # a sharded model: the objectives see the DTensors as tb.nn.call gathers them, one
+        # fully_shard unit at a time (torchbilevel.units), never the whole model at once
+        xo, yo = (units.LazyGathered(xs), units.LazyGathered(ys)) if sharded else (xs, ys)
         state = randomness.capture(x, y)
         try:
-            with torch.enable_grad(), buffers.frozen():
-                val = self.inner(xs, ys, first)
+            with torch.enable_grad(), buffers.frozen(), units.regathering():
+                val = self.inner(xo, yo, first)
                 gs = (torch.autograd.grad(val, list(ys.values()) + list(xs.values()), allow_unused=True)
                       if val.requires_grad else [None] * (len(ys) + len(xs)))
                 used = any(gi is not None for gi in gs[:len(ys)])
@@ -151,7 +154,7 @@ class Bilevel:
                     ob = draw(outer_batch, "outer_batch")
                     if isinstance(outer_batch, collections.abc.Iterator):
                         outer_batch = itertools.chain([ob], outer_batch)
-                    fv = self.outer(xs, ys, ob)
+                    fv = self.outer(xo, yo, ob)
                     uses_x = fv.requires_grad and any(
                         gi is not None for gi in torch.autograd.grad(fv, list(xs.values()), allow_unused=True))
         finally:

@@ -20,9 +20,9 @@ all-reduce for all of them).  Whole-vector quantities (norms for the ball projec
 finite-difference step's rms(y)) are reduced with :func:`global_sqnorms`: one all-reduce
 for every norm a stage needs.
 
-Memory: an evaluation holds the full parameters of the dicts it is given (gathered at its
-start, freed after its backward), where FSDP's own forward holds one unit at a time; the
-algorithm's state (for FdeHBO nine vectors of the size of x and y) stays sharded.
+Memory: an evaluation gathers one fully_shard unit at a time, as FSDP's own forward and
+backward do (torchbilevel.units); the algorithm's state (for FdeHBO nine vectors of the
+size of x and y) stays sharded.
 
 Only gradients are taken through these collectives: a second derivative (Hessian-vector
 products, unrolled differentiation) is refused before any work (:func:`refuse`).
@@ -34,6 +34,8 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import units as U
 
 __all__ = ["dots", "is_sharded", "refuse", "objective", "global_sqnorms", "to_local", "GRADIENT_ONLY", "Specs", "specs",
            "localize", "to_user"]
@@ -239,11 +241,12 @@ class _SumGradOverRanks(torch.autograd.Function):
 
 def _user_views(local: Mapping[str, Tensor], shards: Optional[Sequence]):
     """``local`` (a dict of local views, keyed as the layout) as the user's objectives see it:
-    full tensors for sharded keys — the local shard made a DTensor (no communication) and
-    all-gathered, whose backward reduce-scatters the gradient (summed over ranks) back to
-    the shard.  The objectives see plain tensors, so their own arithmetic on y (a ridge
-    term) needs nothing distributed."""
-    from torch.distributed.tensor import DTensor, Partial
+    each sharded key's local shard made a DTensor (no communication, differentiable back to
+    the shard), in a :class:`torchbilevel.units.LazyGathered` dict — ``tb.nn.call`` gathers
+    one fully_shard unit at a time, and an entry the objective reads itself (a ridge term)
+    is gathered whole on reading.  Either way the gather's backward reduce-scatters the
+    gradient (summed over ranks) back to the shard."""
+    from torch.distributed.tensor import DTensor
     if shards is None:
         return dict(local)
     out = {}
@@ -252,9 +255,8 @@ def _user_views(local: Mapping[str, Tensor], shards: Optional[Sequence]):
             out[k] = t
         else:
             mesh, placements, shape, stride = spec
-            d = DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
-            out[k] = d.full_tensor(grad_placements=[Partial()] * len(placements))
-    return out
+            out[k] = DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+    return U.LazyGathered(out)
 
 
 def objective(fn, lx, ly):
@@ -278,7 +280,8 @@ def objective(fn, lx, ly):
                 d[w][k] = flat[pos:pos + t.numel()].view(t.shape)
                 pos += t.numel()
         x, y = d["x"], d["y"]
-        value = fn(_user_views(x, lx.shards), _user_views(y, ly.shards), batch)
+        with U.regathering():        # a gathered tensor saved for the backward is gathered again there
+            value = fn(_user_views(x, lx.shards), _user_views(y, ly.shards), batch)
         return _MeanOverRanks.apply(value, group, world)
     sharded_fn.__qualname__ = f"sharded({getattr(fn, '__qualname__', 'fn')})"
     return sharded_fn

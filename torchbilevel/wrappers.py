@@ -1,6 +1,6 @@
 """What stands between ``tb.nn.call`` and the module's forward: wrappers whose forward ignores
 the tensors functional_call gives (refused), FSDP2's hooks (bypassed for the call), DTensor
-values (all-gathered), and attention differentiated twice (warned about once).
+values (gathered one fully_shard unit at a time, torchbilevel.units), and attention differentiated twice (warned about once).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from . import units as U
 
 __all__ = ["check_unwrapped", "gathered", "without_fsdp_hooks", "warn_math_attention"]
 
@@ -56,16 +58,24 @@ def warn_math_attention(module: nn.Module) -> None:
                       "tb.pzobo, tb.first_order()) keep the fast kernels.", RuntimeWarning, stacklevel=3)
 
 
-def gathered(params: Mapping[str, Tensor]) -> dict:
-    """DTensor values all-gathered into full tensors (backward: reduce-scatter, summed over
-    ranks — torchbilevel.sharding scales by 1/N); other tensors as they are."""
+def gathered(module: nn.Module, params: Mapping[str, Tensor]) -> tuple:
+    """``(params, sharded)``: the values to evaluate ``module`` at, where a DTensor that a
+    fully_shard unit of ``module`` owns stays a DTensor (that unit gathers it when it runs:
+    torchbilevel.units) and any other DTensor is all-gathered now (backward: reduce-scatter,
+    summed over ranks — torchbilevel.sharding scales by 1/N); ``sharded``: any DTensor met.
+    A :class:`torchbilevel.units.LazyGathered` dict gives its DTensors ungathered."""
+    values = params.sharded() if isinstance(params, U.LazyGathered) else params
+    if not any(U.is_dtensor(t) for t in values.values()):
+        return dict(params), False
+    slots = U.owned(module)
     out = {}
-    for k, t in params.items():
-        if hasattr(t, "full_tensor") and hasattr(t, "placements"):
-            from torch.distributed.tensor import Partial
-            t = t.full_tensor(grad_placements=[Partial()] * len(t.placements))
+    for k, t in values.items():
+        if U.is_dtensor(t):
+            owner, _, attr = k.rpartition(".")
+            if (id(module.get_submodule(owner)), attr) not in slots:
+                t = U.gather(t)
         out[k] = t
-    return out
+    return out, True
 
 
 # module -> its FSDP2 submodules (itself included), found once per module
