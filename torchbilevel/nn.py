@@ -13,6 +13,7 @@ optimiser through ``.grad``.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -113,12 +114,11 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     py, sy = gathered(module, y)
     params = {**dict(module.named_buffers()), **(buffers or {}), **px, **py}
     _note_cudnn_rnns(module)
-    if math_attention_active():
-        warn_math_attention(module)
+    attention = warn_math_attention(module) if math_attention_active() else contextlib.nullcontext()
     if sx or sy:
-        with without_fsdp_hooks(module), U.unit_hooks(module), U.regathering(), U.explained():
+        with attention, without_fsdp_hooks(module), U.unit_hooks(module), U.regathering(), U.explained():
             return _call(module, params, args, kwargs)
-    with without_fsdp_hooks(module):
+    with attention, without_fsdp_hooks(module):
         return _call(module, params, args, kwargs)
 
 

@@ -39,23 +39,59 @@ def check_unwrapped(module: nn.Module) -> None:
                         f"tb.distributed.data_parallel(problem); sharding: fully_shard)")
 
 
+# module -> whether its forward calls scaled_dot_product_attention (found at its first
+# evaluation inside a second-order block; nn.MultiheadAttention known from its type)
 _ATTENTION: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 # process-wide on purpose: the warning is given once per process, whichever thread meets it
 _WARNED_MATH_ATTENTION = [False]
 
 
-def warn_math_attention(module: nn.Module) -> None:
+class _SeesAttention(torch.overrides.TorchFunctionMode):
+    """Notes whether F.scaled_dot_product_attention is called (any module: a transformers
+    GPT-2 or BERT attention class, a hand-written one), passing every call through."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def _warn_math_attention() -> None:
+    _WARNED_MATH_ATTENTION[0] = True
+    warnings.warn("an attention module is differentiated twice (a second-order method): "
+                  "scaled_dot_product_attention runs on its math backend there, since the flash and "
+                  "memory-efficient kernels have no double backward. It materialises the attention "
+                  "matrix (batch x heads x L x S) and is slower; the gradient-only methods (tb.fdehbo, "
+                  "tb.pzobo, tb.first_order(), tb.f2sa, tb.bome) keep the fast kernels.", RuntimeWarning,
+                  stacklevel=4)
+
+
+@contextlib.contextmanager
+def warn_math_attention(module: nn.Module):
+    """Context around one evaluation of ``module`` inside a second-order block: warn once per
+    process when the module calls scaled_dot_product_attention (found by watching its first
+    such evaluation; nn.MultiheadAttention from its type)."""
     if _WARNED_MATH_ATTENTION[0]:
+        yield
         return
-    if module not in _ATTENTION:
-        _ATTENTION[module] = any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
-    if _ATTENTION[module]:
-        _WARNED_MATH_ATTENTION[0] = True
-        warnings.warn("an attention module is differentiated twice (a second-order method): "
-                      "scaled_dot_product_attention runs on its math backend there, since the flash and "
-                      "memory-efficient kernels have no double backward. It materialises the attention "
-                      "matrix (batch x heads x L x S) and is slower; the gradient-only methods (tb.fdehbo, "
-                      "tb.pzobo, tb.first_order()) keep the fast kernels.", RuntimeWarning, stacklevel=3)
+    known = _ATTENTION.get(module)
+    if known is None and any(isinstance(m, nn.MultiheadAttention) for m in module.modules()):
+        known = _ATTENTION[module] = True
+    if known is not None:
+        if known:
+            _warn_math_attention()
+        yield
+        return
+    watch = _SeesAttention()
+    with watch:
+        yield
+    _ATTENTION[module] = watch.seen
+    if watch.seen:
+        _warn_math_attention()
 
 
 def gathered(module: nn.Module, params: Mapping[str, Tensor]) -> tuple:
