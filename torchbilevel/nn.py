@@ -25,7 +25,7 @@ from . import buffers as B
 from . import tree as T
 from . import units as U
 from .derivatives.second_order import cudnn_rnns_seen, math_attention_active, note_cudnn_rnn
-from .wrappers import check_unwrapped, gathered, warn_math_attention, without_fsdp_hooks
+from .wrappers import check_unwrapped, gathered, recomputable, warn_math_attention, without_fsdp_hooks
 
 __all__ = ["split", "call", "write_grad", "load", "features", "Features", "cudnn_rnns_seen"]
 
@@ -115,10 +115,23 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     params = {**dict(module.named_buffers()), **(buffers or {}), **px, **py}
     _note_cudnn_rnns(module)
     attention = warn_math_attention(module) if math_attention_active() else contextlib.nullcontext()
-    if sx or sy:
-        with attention, without_fsdp_hooks(module), U.unit_hooks(module), U.regathering(), U.explained():
-            return _call(module, params, args, kwargs)
-    with attention, without_fsdp_hooks(module):
+    sharded = sx or sy
+
+    @contextlib.contextmanager
+    def again():
+        # a checkpointed piece recomputed in the backward sees this call's tensors again
+        from torch.nn.utils.stateless import _reparametrize_module
+        with contextlib.ExitStack() as st:
+            st.enter_context(without_fsdp_hooks(module))
+            if sharded:
+                st.enter_context(U.unit_hooks(module))
+            st.enter_context(_reparametrize_module(module, params, tie_weights=True))
+            yield
+    with attention, recomputable(again), without_fsdp_hooks(module), contextlib.ExitStack() as st:
+        if sharded:
+            st.enter_context(U.unit_hooks(module))
+            st.enter_context(U.regathering())
+            st.enter_context(U.explained())
         return _call(module, params, args, kwargs)
 
 

@@ -5,6 +5,7 @@ values (gathered one fully_shard unit at a time, torchbilevel.units), and attent
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from typing import Mapping
@@ -148,3 +149,53 @@ def without_fsdp_hooks(module: nn.Module):
         for hooks, items in saved:
             for k, h in items:
                 hooks[k] = h
+
+
+# Activation checkpointing (torch.utils.checkpoint, use_reentrant=False, as transformers'
+# gradient_checkpointing_enable can use): the backward recomputes a checkpointed piece by
+# calling it again, after tb.nn.call has put the module's own parameters back, so the
+# recomputation would see those instead of the x and y given (a wrong hypergradient, no
+# error).  While a call runs, every checkpoint it opens gets a recompute context that puts
+# the call's tensors in place again.  Installed once, per thread through a stack of calls.
+_CALLS = threading.local()
+_CHECKPOINT_PATCHED = [False]
+
+
+def _install_checkpoint_hook() -> None:
+    import torch.utils.checkpoint as C
+    if _CHECKPOINT_PATCHED[0]:
+        return
+    orig = C._checkpoint_without_reentrant_generator
+
+    def generator(fn, preserve_rng_state=True, context_fn=C.noop_context_fn, *args, **kwargs):
+        stack = getattr(_CALLS, "stack", None)
+        if not stack or torch.compiler.is_compiling():
+            return orig(fn, preserve_rng_state, context_fn, *args, **kwargs)
+        again = stack[-1]
+
+        def contexts():
+            fwd, rec = context_fn()
+            return fwd, _both(rec, again)
+        return orig(fn, preserve_rng_state, contexts, *args, **kwargs)
+    C._checkpoint_without_reentrant_generator = generator
+    _CHECKPOINT_PATCHED[0] = True
+
+
+@contextlib.contextmanager
+def _both(first, make_second):
+    with first, make_second():
+        yield
+
+
+@contextlib.contextmanager
+def recomputable(again):
+    """Context around one tb.nn.call: a checkpoint opened inside recomputes under
+    ``again()`` (a context putting the call's tensors back in the module)."""
+    _install_checkpoint_hook()
+    if not hasattr(_CALLS, "stack"):
+        _CALLS.stack = []
+    _CALLS.stack.append(again)
+    try:
+        yield
+    finally:
+        _CALLS.stack.pop()
