@@ -224,15 +224,38 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
 
         # one sample = one batch and one random stream: the current and the previous
         # iterate replay the same dropout masks on ζ, ψ (and ξ̄), as eq. (6), (7), (10) need
-        rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
-        gy, fx, fy, hv, jv = (list(col) for col in zip(*rows))
-        stack = lambda rows: torch.stack(rows if len(rows) == 2 else rows * 2)   # prev = cur: t = 0, η = 1
-        return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy)), pair_mode[0]
+        if use_func_mechanism():
+            # under torch.func transforms / torch.compile: pure (no writes into a buffer)
+            rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
+            gy, fx, fy, hv, jv = (list(col) for col in zip(*rows))
+            stack = lambda rows: torch.stack(rows if len(rows) == 2 else rows * 2)   # prev = cur: t = 0, η = 1
+            return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy)), pair_mode[0]
+        # the kernels' stacked rows, allocated once and written as each evaluation returns,
+        # so an evaluation's gradients are freed as soon as they are copied (no list of
+        # rows, stack and concatenation beside each other: 8 extra vectors of x at peak)
+        rows_y = s.yf.new_empty((6,) + tuple(s.yf.shape))     # gy, gy', Hv, Hv', fy, fy'
+        rows_x = s.xf.new_empty((4,) + tuple(s.xf.shape))     # fx, fx', Jv, Jv'
+
+        def into_rows(i, point):
+            gy, fx_i, fy_i, hv_i, jv_i = at(point, i == 0)
+            for j in ((0, 1) if len(points) == 1 else (i,)):   # prev = cur: t = 0, or every η = 1
+                rows_y[j].copy_(gy)
+                rows_y[2 + j].copy_(hv_i)
+                rows_y[4 + j].copy_(fy_i)
+                rows_x[j].copy_(fx_i)
+                rows_x[2 + j].copy_(jv_i)
+
+        R.replaying(R.capture(s.xf), [lambda p=p, i=i: into_rows(i, p) for i, p in enumerate(points)])
+        return _Evaluations(rows_y[0:2], rows_y[2:4], rows_x[2:4], rows_x[0:2], rows_y[4:6]), pair_mode[0]
 
     def stack_rows(ev: _Evaluations):
         """The stacked gradient buffers of torchbilevel.kernels (products layout, fd=False):
         rows_y = [gy_cur, gy_prev, Hv_cur, Hv_prev, fy_cur, fy_prev],
-        rows_x = [fx_cur, fx_prev, Jv_cur, Jv_prev]."""
+        rows_x = [fx_cur, fx_prev, Jv_cur, Jv_prev]; the buffers themselves when ``ev`` holds
+        views of them (:func:`evaluate`), no copy."""
+        if ev.gy._base is not None and ev.gy._base is ev.gy_prod._base is ev.fy._base \
+                and ev.fx._base is not None and ev.fx._base is ev.gx_prod._base:
+            return ev.gy._base, ev.fx._base
         rows_y = torch.cat([ev.gy, ev.gy_prod, ev.fy]).to(ev.gy.dtype)
         rows_x = torch.cat([ev.fx, ev.gx_prod]).to(ev.fx.dtype)
         return rows_y.contiguous(), rows_x.contiguous()
