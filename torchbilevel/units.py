@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .tracing import in_functorch_transform
 
-__all__ = ["is_dtensor", "gather", "regathering", "unit_hooks", "explained", "Unit", "units_of", "owned", "LazyGathered"]
+__all__ = ["is_dtensor", "gather", "regathering", "unit_hooks", "explained", "Unit", "units_of", "owned", "LazyGathered", "compute_dtypes"]
 
 
 def is_dtensor(t) -> bool:
@@ -121,6 +121,7 @@ def gather(d, dtype: Optional[torch.dtype] = None) -> Tensor:
     full = _full(d, grad=True)
     if dtype is not None and full.dtype != dtype:
         full = full.to(dtype)
+        _STATE.compute = getattr(_STATE, "compute", frozenset()) | {dtype}
     live = _live()
     key = full.untyped_storage().data_ptr()
 
@@ -130,6 +131,20 @@ def gather(d, dtype: Optional[torch.dtype] = None) -> Tensor:
             del live[key]
     live[key] = _Live(weakref.ref(full, forget), d, dtype, full.storage_offset())
     return full
+
+
+@contextlib.contextmanager
+def compute_dtypes():
+    """Context yielding a set filled with the dtypes parameters were cast to after their
+    gather (FSDP2's ``param_dtype``) by the evaluations inside, in this thread."""
+    old = getattr(_STATE, "compute", frozenset())
+    _STATE.compute = frozenset()
+    seen = set()
+    try:
+        yield seen
+    finally:
+        seen.update(_STATE.compute)
+        _STATE.compute = old | _STATE.compute
 
 
 class _Regather(NamedTuple):

@@ -53,6 +53,12 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
             error against the O(ε/δ) rounding error, so leave it at None unless g is
             noisy along y ± δv. Accurate where g is smooth along y ± δv (linear /
             softmax heads); across ReLU kinks the FD error is O(1): use FMBO there.
+            Mixed precision (FSDP2 ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``): the
+            default is balanced for y's dtype, not the compute dtype, and the products
+            lose most digits (measured 0.23 relative error of the hypergradient against
+            float64, bench/mixed_precision.py), so the first step raises ValueError there;
+            pass ``delta`` (0.1/‖v‖ measured 1.2e-2) or use tb.first_order(), tb.pzobo,
+            tb.bome (4e-3 to 1.4e-2).
         batched: take the two finite-difference points y ± δv through one ``vmap`` over the
             sign with x unbatched, so the x-only part of g (a network body) runs forward and
             backward once for both (measured 1.0 vs 1.6 gradient evaluations of g on
