@@ -9,6 +9,9 @@ left of the budget is skipped and recorded as skipped, with the reason; the JSON
 rewritten after every section, so a kill leaves what was done):
 
 1. ``env``: Python, torch, CUDA, cuDNN, triton, GPU name / capability / memory / SMs, driver.
+1b. ``memory``: bytes per parameter of each gradient-only method's state and of the peak one
+   step adds above it, at world size 1 (bench/memory_methods.py; a 10-block width-2048 MLP,
+   peak allocated CUDA bytes).
 2. ``kernel_tests``: ``python -m pytest -q tests/test_kernels.py`` with TB_TEST_DEVICE=cuda
    and TRITON_INTERPRET unset (the compiled Triton kernels on CUDA tensors): counts, the
    failing tests and the tail of the log.  (Dry run: a small subset on CPU, interpreted.)
@@ -63,11 +66,11 @@ PROBLEMS = {
 # ---------------------------------------------------------------- budget (seconds)
 
 BUDGET_S = 420            # gpu.sh kills the process at 465 s; the call's limit is 480 s
-SECTION_CAPS = {"env": 30, "kernel_tests": 150, "bandwidth": 140, "step_costs": 100, "pair_modes": 90, "scale": 60,
+SECTION_CAPS = {"env": 30, "memory": 40, "kernel_tests": 150, "bandwidth": 140, "step_costs": 100, "pair_modes": 90, "scale": 60,
                 "fewshot": 60}
-SECTION_MIN = {"env": 1, "kernel_tests": 40, "bandwidth": 30, "step_costs": 20, "pair_modes": 15, "scale": 15,
+SECTION_MIN = {"env": 1, "memory": 10, "kernel_tests": 40, "bandwidth": 30, "step_costs": 20, "pair_modes": 15, "scale": 15,
                "fewshot": 10}
-DRY_CAPS = {"env": 20, "kernel_tests": 40, "bandwidth": 35, "step_costs": 25, "pair_modes": 20, "scale": 30,
+DRY_CAPS = {"env": 20, "memory": 30, "kernel_tests": 40, "bandwidth": 35, "step_costs": 25, "pair_modes": 20, "scale": 30,
             "fewshot": 25}
 DRY_BUDGET_S = 150
 
@@ -471,6 +474,19 @@ def section_bandwidth(run: Run):
 
 # ---------------------------------------------------------------- 4. step costs
 
+def section_memory(run: Run):
+    """Peak memory per method in bytes per parameter at world size 1 (issue 25): the state
+    and what one step adds above it, bench/memory_methods.py's rows (CUDA: peak allocated
+    bytes; dry run: the CPU dispatch tracker on a tiny model)."""
+    def go(deadline):
+        MM = _bench("memory_methods")
+        device = "cuda" if _cuda() else "cpu"
+        size = dict(width=64, blocks=2, classes=10, batch=16) if run.dry else dict(width=2048, blocks=10,
+                                                                                   classes=1000, batch=64)
+        return {"device": device, "model": size, "rows": MM.rows(device=device, **size)}
+    return go
+
+
 def section_step_costs(run: Run):
     def go(deadline):
         import torch
@@ -638,6 +654,9 @@ def print_summary(data):
             if "ms" in r:
                 fr = " ".join(f"{k}={v:.2f}" for k, v in r["fraction_of_copy"].items())
                 print(f"| {r['n']} | {r['dtype']} | " + " | ".join(f"{v:.3f}" for v in r["ms"].values()) + f" | {fr} |")
+    for r in data["sections"].get("memory", {}).get("rows", []):
+        print(f"memory {r['method']:44s} state {r['state_bytes_per_param']:6.1f} B/param, step peak "
+              f"{r['step_peak_bytes_per_param']:6.1f} B/param ({r['step_peak_x_param_bytes']:.1f}x parameters)")
     for pname, p in data["sections"].get("step_costs", {}).get("problems", {}).items():
         if "rows" in p:
             print(f"step costs, {pname} (numel x={p['numel_x']}, y={p['numel_y']}):")
@@ -685,7 +704,8 @@ def main(argv=None):
         return 4
     caps, mins = (DRY_CAPS if dry else SECTION_CAPS), SECTION_MIN
     chosen = a.sections.split(",") if a.sections else list(SECTION_CAPS)
-    sections = {"env": section_env(run, import_mode), "kernel_tests": section_kernel_tests(run),
+    sections = {"env": section_env(run, import_mode), "memory": section_memory(run),
+                "kernel_tests": section_kernel_tests(run),
                 "bandwidth": section_bandwidth(run), "step_costs": section_step_costs(run),
                 "pair_modes": section_pair_modes(run), "scale": section_scale(run),
                 "fewshot": section_fewshot(run)}

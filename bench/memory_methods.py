@@ -4,9 +4,10 @@ Linear(W, W) blocks, y = a head Linear(W, C)), float32, CPU.
 
     python bench/memory_methods.py                 # width 512, 6 blocks, head of 100 classes
 
-The step's peak is measured with bench/peak_memory.py (a dispatch-mode tracker: every
+The step's peak is measured with bench/peak_memory.py on CPU (a dispatch-mode tracker: every
 tensor an operator creates, counted until its storage is freed; CPU keeps no allocator
-statistics), on the second step (which evaluates the previous iterate too).  One JSON line
+statistics) and with torch.cuda.max_memory_allocated on CUDA (bench/gpu.py's ``memory``
+section), on the second step (which evaluates the previous iterate too).  One JSON line
 per method: parameters, state and step-peak bytes, both per parameter, and the step peak in
 units of the parameter bytes.
 """
@@ -23,6 +24,56 @@ import torchbilevel as tb                       # noqa: E402
 from peak_memory import peak_tensor_bytes      # noqa: E402
 
 
+def rows(width=512, blocks=6, classes=100, batch=64, device="cpu"):
+    """One dict per method: parameters, state and step-peak bytes per parameter (CUDA: peak
+    allocated bytes above what was allocated before the step; CPU: the dispatch tracker)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(blocks):
+        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(width, classes)).to(device)
+    gen = torch.Generator().manual_seed(1)
+    data = (torch.randn(batch, width, generator=gen).to(device),
+            torch.randint(0, classes, (batch,), generator=gen).to(device))
+    ce = lambda x, y, b: F.cross_entropy(tb.nn.call(net, x, y, b[0]), b[1])
+    prob = tb.Bilevel(outer=ce, inner=lambda x, y, b: ce(x, y, b) + 1e-3 * sum((w ** 2).sum() for w in y.values()))
+    x, y = tb.nn.split(net, inner=[str(len(net) - 1)])
+    n = sum(t.numel() for t in x.values()) + sum(t.numel() for t in y.values())
+    kw = dict(lr_x=0.01, lr_y=0.05, lr_v=0.05, radius=10.0)
+    algos = {"fdehbo": lambda: tb.fdehbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, **kw),
+             "fmbo": lambda: tb.fmbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, **kw),
+             "f2sa": lambda: tb.f2sa(prob, lr_x=0.01, lr_y=0.05, lr_z=0.05),
+             "bome": lambda: tb.bome(prob, lr_x=0.01, lr_y=0.05),
+             "first_order (double_loop, 1 inner step)": lambda: tb.double_loop(prob, tb.first_order(), lr_x=0.01,
+                                                                                inner_steps=1, lr_y=0.05),
+             "pzobo (double_loop, N=1, Q=1)": lambda: tb.double_loop(prob, tb.pzobo(1, 0.05, directions=1, mu=1e-3),
+                                                                     lr_x=0.01, inner_steps=1, lr_y=0.05)}
+    out = []
+    for name, build in algos.items():
+        algo = build()
+        s = algo.step(algo.init(x, y), data, data)
+        holder = [s]
+        state = sum(v.numel() * v.element_size() for v in _tensors(algo, s))
+
+        def step():
+            holder[0] = algo.step(holder[0], data, data)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            how = "torch.cuda.max_memory_allocated above the allocation before the step"
+        else:
+            peak = peak_tensor_bytes(step)
+            how = "bench/peak_memory.py dispatch-mode tracker"
+        out.append({"method": name, "params": n, "state_bytes_per_param": state / n,
+                    "step_peak_bytes_per_param": peak / n, "step_peak_x_param_bytes": peak / (4 * n),
+                    "total_bytes_per_param": (state + peak) / n, "measured_with": how})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=512)
@@ -31,40 +82,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(a.blocks):
-        layers += [torch.nn.Linear(a.width, a.width), torch.nn.Tanh()]
-    net = torch.nn.Sequential(*layers, torch.nn.Linear(a.width, a.classes)).to(a.device)
-    gen = torch.Generator().manual_seed(1)
-    batch = (torch.randn(a.batch, a.width, generator=gen).to(a.device),
-             torch.randint(0, a.classes, (a.batch,), generator=gen).to(a.device))
-    ce = lambda x, y, b: F.cross_entropy(tb.nn.call(net, x, y, b[0]), b[1])
-    prob = tb.Bilevel(outer=ce, inner=lambda x, y, b: ce(x, y, b) + 1e-3 * sum((w ** 2).sum() for w in y.values()))
-    x, y = tb.nn.split(net, inner=[str(len(net) - 1)])
-    n = sum(t.numel() for t in x.values()) + sum(t.numel() for t in y.values())
-    pbytes = 4 * n
-    kw = dict(lr_x=0.01, lr_y=0.05, lr_v=0.05, radius=10.0)
-    algos = {"fdehbo": tb.fdehbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, **kw),
-             "fmbo": tb.fmbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, **kw),
-             "f2sa": tb.f2sa(prob, lr_x=0.01, lr_y=0.05, lr_z=0.05),
-             "bome": tb.bome(prob, lr_x=0.01, lr_y=0.05),
-             "first_order (double_loop, 1 inner step)": tb.double_loop(prob, tb.first_order(), lr_x=0.01,
-                                                                        inner_steps=1, lr_y=0.05),
-             "pzobo (double_loop, N=1, Q=1)": tb.double_loop(prob, tb.pzobo(1, 0.05, directions=1, mu=1e-3),
-                                                             lr_x=0.01, inner_steps=1, lr_y=0.05)}
-    for name, algo in algos.items():
-        s = algo.init(x, y)
-        s = algo.step(s, batch, batch)
-        holder = [s]
-        state = sum(v.numel() * v.element_size() for v in _tensors(algo, s))
-
-        def step():
-            holder[0] = algo.step(holder[0], batch, batch)
-        peak = peak_tensor_bytes(step)
-        print(json.dumps({"method": name, "params": n, "state_bytes_per_param": state / n,
-                          "step_peak_bytes_per_param": peak / n, "step_peak_x_param_bytes": peak / pbytes,
-                          "total_bytes_per_param": (state + peak) / n}))
+    for row in rows(a.width, a.blocks, a.classes, a.batch, a.device):
+        print(json.dumps(row))
 
 
 def _tensors(algo, s):
