@@ -3,6 +3,8 @@ step δ, and the policy that evaluates the ± pair (one vmap or two evaluations)
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Mapping, NamedTuple, Optional
 
 import torch
@@ -121,9 +123,14 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         return {k: (yy[k].to(work) + (s * d_t) * v[k].to(work)).to(dt) for k in yy}
 
     def values_batched(xx, yy, b):
-        # one vmap over the sign; randomness="same": both points see one dropout mask
+        # one vmap over the sign; randomness="same": both points see one dropout mask.  On
+        # CPU, attention on the math backend: the CPU flash kernel has no batching rule, so
+        # vmap would loop over the pair through its slow fallback (a warning per run);
+        # measured on a GPT-2 (2 layers, width 64, 8 x 32 tokens): 11.2 ms either way,
+        # two plain evaluations 12.3 ms (bench/RESULTS.md §14)
         signs = torch.tensor([1.0, -1.0], dtype=work, device=any_y.device)
-        vals = vmap(lambda s: g(xx, shifted(yy, s), b), randomness=R.VMAP_RANDOMNESS)(signs)
+        with _cpu_math_attention(any_y.device):
+            vals = vmap(lambda s: g(xx, shifted(yy, s), b), randomness=R.VMAP_RANDOMNESS)(signs)
         return vals[0].to(work), vals[1].to(work)
 
     def values_pair(xx, yy, b):
@@ -265,6 +272,15 @@ def choose_pair_batched(g, x, y, v, batch, delta) -> bool:
     counts no FLOPs.  FdeHBO decides once, at its first finite-difference step."""
     r = pair_flop_ratio(g, x, y, v, batch, delta)
     return not (r >= PAIR_FLOP_RATIO)
+
+
+def _cpu_math_attention(device):
+    """scaled_dot_product_attention on its math backend for CPU tensors (whose flash kernel
+    has no vmap batching rule); CUDA's kernels have one: unchanged there."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def vmap_unsupported(err: BaseException) -> bool:
