@@ -276,8 +276,9 @@ def choose_pair_batched(g, x, y, v, batch, delta) -> bool:
 
 def _cpu_math_attention(device):
     """scaled_dot_product_attention on its math backend for CPU tensors (whose flash kernel
-    has no vmap batching rule); CUDA's kernels have one: unchanged there."""
-    if device.type != "cpu":
+    has no vmap batching rule); CUDA's kernels have one: unchanged there, and under
+    torch.compile (the context made Dynamo recompile the FdeHBO step at every step)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
