@@ -115,6 +115,8 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
     check_problem(problem)
     if not is_estimator(estimator):
         raise TypeError(f"estimator must be {ESTIMATOR_NAMES}, got {type(estimator).__name__}")
+    if hasattr(estimator, "check"):
+        estimator.check(problem)          # what the config needs of the problem, before any work
 
     def hypergradient(x: Mapping[str, Tensor], y: Mapping[str, Tensor], inner_batch, outer_batch,
                       v0: Optional[Mapping[str, Tensor]] = None):
