@@ -67,7 +67,7 @@ def read_checks(dx, aux: HypergradAux, estimator, check_finite: bool, check_solv
         return None, {}, ()
     values = torch.stack([t.reshape(()).to(torch.float64) for t in tensors]).tolist()
     finite = bool(values.pop(0)) if check_finite else None
-    fired = {k: bool(values.pop(0)) for k in named}
+    fired = {k: values.pop(0) for k in named}
     return finite, fired, tuple(values)
 
 
