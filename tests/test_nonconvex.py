@@ -361,3 +361,17 @@ def test_output_loss_is_an_ordinary_objective():
     assert torch.equal(g(x, y, None), loss(outputs(x, y, None), None) + reg(x, y, None))
     with pytest.raises(TypeError, match="outputs"):
         tb.OutputLoss(3, loss)
+
+
+def test_stocbio_reports_its_series_like_a_fixed_point_solve():
+    # one batch: the Neumann terms r_i = (I − ηA)^i b; the report's residual is ‖r_Q‖/‖b‖
+    p, x, y, A, B, c = quadratic_problem(torch.linspace(0.5, 2.0, 8))
+    Q, eta = 6, 0.3
+    _, aux = tb.hypergrad(p, tb.stocbio(Q, eta), has_aux=True)(x, y, None, None)
+    b = y["w"] - c
+    rQ = torch.linalg.matrix_power(torch.eye(8, dtype=DT) - eta * A, Q) @ b
+    assert abs(float(aux.solve.residual) - float(rQ.norm() / b.norm())) <= 1e-12
+    assert int(aux.solve.nonpositive_curvature) == 0 and int(aux.solve.iterations) == Q
+    p, x, y, *_ = quadratic_problem([-1.0] + [1.0] * 7)
+    with pytest.warns(RuntimeWarning, match="curvature"):
+        tb.hypergrad(p, tb.stocbio(Q, eta))(x, y, None, None)

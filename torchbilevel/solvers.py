@@ -100,7 +100,9 @@ class FixedPoint(NamedTuple):
 
     Converges when A + damping·I is positive definite and 0 < lr < 2 / λ_max; ``lr = 1/L``
     for an L-smooth inner problem.  ``indefinite="truncate"`` stops at the first residual
-    r with rᵀAr ≤ 0 (the direction along which the iteration grows).
+    r with rᵀAr ≤ 0 (the direction along which the iteration grows).  The iteration runs on
+    the residual (r ← r − lr·A r, v ← v + lr·r), so the report's residual is the returned
+    v's at no extra product; a warm start v0 costs one product (A v0) more than a cold one.
     """
     steps: int
     lr: float
