@@ -383,3 +383,13 @@ def test_stocbio_reports_its_series_like_a_fixed_point_solve():
     p, x, y, *_ = quadratic_problem([-1.0] + [1.0] * 7)
     with pytest.warns(RuntimeWarning, match="curvature"):
         tb.hypergrad(p, tb.stocbio(Q, eta))(x, y, None, None)
+
+
+def test_nystrom_rank_above_dim_y_is_refused_by_hypergrad_before_evaluating_anything():
+    calls = []
+    p, x, y, *_ = quadratic_problem(torch.ones(4))
+    counted = tb.Bilevel(outer=lambda x, y, b: calls.append(1) or p.outer(x, y, b),
+                         inner=lambda x, y, b: calls.append(1) or p.inner(x, y, b))
+    with pytest.raises(ValueError, match="rank"):
+        tb.hypergrad(counted, tb.aid(tb.nystrom(5, 0.1)))(x, y, None, None)
+    assert calls == []
