@@ -393,3 +393,14 @@ def test_nystrom_rank_above_dim_y_is_refused_by_hypergrad_before_evaluating_anyt
     with pytest.raises(ValueError, match="rank"):
         tb.hypergrad(counted, tb.aid(tb.nystrom(5, 0.1)))(x, y, None, None)
     assert calls == []
+
+
+def test_nystrom_warns_on_an_indefinite_sampled_block_but_not_on_its_low_rank_residual():
+    p, x, y, *_ = quadratic_problem(torch.linspace(0.5, 8.0, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, aux = tb.hypergrad(p, tb.aid(tb.nystrom(2, 1e-3)), has_aux=True)(x, y, None, None)
+    assert float(aux.solve.residual) > 1.0            # rank 2 of 8: a poor fit, by design
+    p, x, y, *_ = quadratic_problem([-3.0, -2.0, -1.0, -1.5] + [1.0] * 4)
+    with pytest.warns(RuntimeWarning, match="curvature"):
+        tb.hypergrad(p, tb.aid(tb.nystrom(8, 0.1)))(x, y, None, None)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import tree as T
 from .estimators import FirstOrder
-from .solvers import IndefiniteSystemError
+from .solvers import IndefiniteSystemError, Nystrom
 
 __all__ = ["INDEFINITE", "ZERO_FIRST_ORDER", "flags", "act"]
 
@@ -56,7 +56,12 @@ def flags(dx, aux, estimator) -> Dict[str, Tensor]:
     out = {}
     if aux.solve is not None:                 # AID's solve, stocBiO's Neumann series
         info = aux.solve               # a code: 1·(non-positive curvature) + 2·(residual grew)
-        out[INDEFINITE] = (info.nonpositive_curvature > 0).double() + 2 * (info.residual > info.start_residual).double()
+        code = (info.nonpositive_curvature > 0).double()
+        if not isinstance(getattr(estimator, "solver", None), Nystrom):
+            # an iteration that ends worse than it started diverged; Nyström's residual
+            # measures how well rank k explains the system, not a divergence
+            code = code + 2 * (info.residual > info.start_residual).double()
+        out[INDEFINITE] = code
     if isinstance(estimator, FirstOrder):
         out[ZERO_FIRST_ORDER] = T.sqnorm(dx) == 0
     return out
