@@ -201,9 +201,22 @@ def test_readme_is_a_front_page():
     for heading in ("## Install and run", "## Quickstart 1", "## Quickstart 2", "## Which method?",
                     "## Documentation", "## Cite", "## License"):
         assert heading in README, heading
-    for page in DOC_PAGES:
-        if page.startswith("docs/guide/"):
-            assert f"]({page})" in README, f"{page} is not linked from the README"
+    assert "](docs/index.md)" in README and "](docs/guide/choosing.md)" in README
+
+
+def test_second_quickstart_is_the_users_own_model():
+    """Issue 26 item 3: one weight per training example outside the module, a CNN with
+    BatchNorm and dropout in train mode, ITD in the double loop, the BatchNorm-safe inner
+    loop, and the check (run by test_python_block_runs_as_written) that the wrong-label
+    examples' weights went down."""
+    section = README.split("## Quickstart 2", 1)[1].split("\n## ", 1)[0]
+    block = _python_blocks(section)[0]
+    for needle in ("tb.nn.split(model, inner=lambda name, p: True)", 'x = {"logit": torch.zeros(256)}',
+                   "nn.BatchNorm2d", "nn.Dropout", ".train()", "tb.itd(steps=20, lr=0.1)", "tb.double_loop(",
+                   "tb.derivatives.gradient(inner, x, y, (Xtr, ttr), argnums=1)",
+                   "assert w[wrong].mean() < w[~wrong].mean()"):
+        assert needle in block, needle
+    assert "tb.derivatives.grad_y" in section and "running statistics" in section  # the pitfall, said
 
 
 def test_readme_promises():
