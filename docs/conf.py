@@ -3,6 +3,12 @@
 Build (warnings are errors):  python -m sphinx -W --keep-going -b html docs docs/_build/html
 Pages are Markdown (MyST); the API reference is generated from the docstrings (autodoc).
 A new page is one line in a toctree of docs/index.md.
+
+Why Sphinx (furo + MyST) rather than MkDocs Material + mkdocstrings: autodoc with napoleon
+reads the library's Google-style docstrings as they are; MyST's {include} with
+start-after/end-before makes the README's quickstarts the site's quickstart page without a
+copy (one source, tested once); and -W turns every broken cross-reference, page left out
+of the toctree, or docstring that does not parse into a failure that CI sees.
 """
 import os
 import sys
