@@ -99,9 +99,11 @@ class FewShotConfig:
     reg: float = 0.1
     directions: int = 1
     mu: float = 0.01
-    imaml_steps: int = 5
-    imaml_lr: float = 0.1
-    imaml_lam: float = 2.0
+    imaml_steps: int = 10
+    imaml_lr: float = 0.01
+    imaml_lam: float = 50.0
+    imaml_solver_steps: int = 10
+    imaml_curvature: str = "hessian"
     target_acc: float = 0.8
     mode: str = "auto"
     seed: int = 0
@@ -166,17 +168,25 @@ def anil_problem(model: CNN4, reg: float) -> tb.Bilevel:
     return tb.Bilevel(outer=f, inner=g, features=phi)
 
 
-def imaml_problem(model: CNN4, lam: float) -> tb.Bilevel:
+def imaml_problem(model: CNN4, lam: float, output_loss: bool = False) -> tb.Bilevel:
     """iMAML (Rajeswaran et al. 2019, eq. (3)-(4)): y = all weights of the task, x = the
-    meta-initialisation; g = support CE + λ/2 ‖y − x‖², f = query CE."""
+    meta-initialisation; g = support CE + λ/2 ‖y − x‖², f = query CE.  ``output_loss``:
+    declare g as ``tb.OutputLoss`` (logits, CE, the proximal term) for Gauss-Newton curvature."""
+
+    def logits(x, y, batch):
+        return tb.nn.call(model, {}, y, batch[0])
 
     def f(x, y, batch):
-        return F.cross_entropy(tb.nn.call(model, {}, y, batch[0]), batch[1])
+        return F.cross_entropy(logits(x, y, batch), batch[1])
+
+    def prox(x, y, batch):
+        return 0.5 * lam * sum(((y[k] - x[k]) ** 2).sum() for k in y)
 
     def g(x, y, batch):
-        prox = sum(((y[k] - x[k]) ** 2).sum() for k in y)
-        return F.cross_entropy(tb.nn.call(model, {}, y, batch[0]), batch[1]) + 0.5 * lam * prox
+        return f(x, y, batch) + prox(x, y, batch)
 
+    if output_loss:
+        g = tb.OutputLoss(logits, lambda out, batch: F.cross_entropy(out, batch[1]), prox)
     return tb.Bilevel(outer=f, inner=g)
 
 
@@ -214,7 +224,8 @@ class MetaLearner:
             self.fn = None
             return
         if method == "imaml":
-            problem, est = imaml_problem(model, cfg.imaml_lam), tb.aid(tb.cg(cfg.solver_steps))
+            problem = imaml_problem(model, cfg.imaml_lam, output_loss=cfg.imaml_curvature == "gauss_newton")
+            est = tb.aid(tb.cg(cfg.imaml_solver_steps), curvature=cfg.imaml_curvature)
             T, lr = cfg.imaml_steps, cfg.imaml_lr
         else:
             problem = anil_problem(model, cfg.reg)
