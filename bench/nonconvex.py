@@ -365,7 +365,7 @@ def part_hr(seeds, wds, quick, warm_steps=300, only=None):
                 est = build(spec, gen)
                 dx, row, aux = run_estimator(name, est, g, f, gn, x, y, tr, va, t_grad)
                 d = torch.cat([dx[k].reshape(-1) for k in x])
-                row.update(part="hr", wd=wd, seed=seed, dim_y=flat_y.numel(),
+                row.update(part="hr", wd=wd, seed=seed, dim_y=flat_y.numel(), truth_norm=float(truth.norm()),
                            cos=float(F.cosine_similarity(d, truth, dim=0)),
                            rel_err=float((d - truth).norm() / truth.norm()),
                            eig_min=float(eig[0]), eig_max=float(eig[-1]), n_neg=int((eig < 0).sum()))
