@@ -103,11 +103,8 @@ def reweight_problem(model):
     def logits(x, y, batch):
         return tb.nn.call(model, {}, y, batch[0])
 
-    def wce(out, batch):              # out = [logits | x column]: the weights enter through the outputs
-        return (torch.sigmoid(out[:, -1]) * F.cross_entropy(out[:, :-1], batch[1], reduction="none")).mean()
-
-    def outputs(x, y, batch):         # x rides along as a column whose Jacobian in y is 0
-        return torch.cat([logits(x, y, batch), x["w"][:, None]], 1)
+    def wce(out, x, batch):           # convex in the outputs; the per-example weights are x
+        return (torch.sigmoid(x["w"]) * F.cross_entropy(out, batch[1], reduction="none")).mean()
 
     def reg(x, y, batch):
         return 0.5 * WD * sum((t * t).sum() for t in y.values())
@@ -119,7 +116,7 @@ def reweight_problem(model):
     def f(x, y, batch):
         return F.cross_entropy(logits(x, y, batch), batch[1])
 
-    return g, f, tb.OutputLoss(outputs, wce, reg)
+    return g, f, tb.OutputLoss(logits, wce, reg)
 
 
 def estimators(quick: bool):
@@ -325,7 +322,7 @@ def part_hr(seeds, wds, quick, warm_steps=300, only=None):
             def outputs(x, y, b):
                 return tb.nn.call(model, x, y, b[0])
 
-            gn = tb.OutputLoss(outputs, lambda o, b: F.cross_entropy(o, b[1]),
+            gn = tb.OutputLoss(outputs, lambda o, x, b: F.cross_entropy(o, b[1]),
                                lambda x, y, b: 0.5 * wd * sum((t * t).sum() for t in y.values()))
             y = warm_start(model, g, x, y, tr, warm_steps, 0.5)
             # dense truth in float64

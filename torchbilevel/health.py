@@ -6,6 +6,8 @@ first-order hypergradient that is identically zero (f does not depend on x).
 ``flags(dx, aux, estimator)`` builds 0-d tensors (no host read); ``act(...)`` turns
 the values read into one ``RuntimeWarning`` per run (the names of the warnings given live
 in the run's state: the double loop's ``warned``) or an :class:`IndefiniteSystemError`.
+``tb.hypergrad`` has no run: Python's registry shows each message once per call site
+(three texts: non-positive curvature, a residual that grew, both).
 """
 from __future__ import annotations
 

@@ -43,7 +43,9 @@ class SolveInfo(NamedTuple):
 
     iterations: iterations that updated v (CG stops counting at a truncation).
     residual: ‖b − A v‖ / ‖b‖ at the returned v (A includes the damping; CG and fixed
-        point track it by their recurrences at no extra product; Nyström spends one, and
+        point track it by their recurrences at no extra product — right to ~1e-15 before
+        convergence, below rounding once converged, where the true residual stalls at
+        ~1e-16 relative; Nyström spends one product, and
         its residual says how well rank k explains the system: large for a low rank,
         which is no failure of that method).
     start_residual: the same at the starting point (1 for v0 = 0).

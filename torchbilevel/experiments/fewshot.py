@@ -196,7 +196,7 @@ def imaml_problem(model: CNN4, lam: float, output_loss: bool = False) -> tb.Bile
         return f(x, y, batch) + prox(x, y, batch)
 
     if output_loss:
-        g = tb.OutputLoss(logits, lambda out, batch: F.cross_entropy(out, batch[1]), prox)
+        g = tb.OutputLoss(logits, lambda out, x, batch: F.cross_entropy(out, batch[1]), prox)
     return tb.Bilevel(outer=f, inner=g)
 
 
