@@ -140,7 +140,7 @@ def estimators(quick: bool):
         for rho in ((0.1,) if quick else (0.01, 0.1, 1.0)):
             e[f"nys{r}_rho{rho}"] = ("nys", r, rho)
     if quick:
-        for k in ("cg50", "cg50_damp0.1", "cg50_damp10", "gn_cg50", "pzobo20_q16"):
+        for k in ("cg50_damp0.1", "cg50_damp10", "gn_cg50", "pzobo20_q16"):
             e.pop(k)
     return e, gen
 

@@ -30,17 +30,19 @@ def _one_thread():
 
 def test_reweighting_cnn_itd_finds_wrong_labels_and_plain_cg_warns(nc):
     rows = {r["method"]: r for r in nc.part_reweight([0], (0.0,), True, warm_steps=100,
-                                                      only=("itd20", "cg10", "cg50_damp1", "first_order"))}
+                                                      only=("itd20", "cg50", "cg50_damp1", "first_order"))}
     assert rows["itd20"]["auc"] > 0.8 and rows["itd20"]["warnings"] == 0
-    cg = rows["cg10"]
+    # CG(50) meets non-positive curvature (RESULTS §14a: 4-6 times); CG's residual is not
+    # monotone, so only its curvature test makes it warn (CG(10) stayed silent there)
+    cg = rows["cg50"]
     assert cg["warning"] == "indefinite" and cg["warnings"] == 1
-    assert cg["nonpos"] > 0 or cg["residual"] > 1.0             # what the report shows
+    assert cg["nonpos"] > 0                                      # what the report shows
     damped = rows["cg50_damp1"]
     assert damped["warnings"] == 0 and damped["residual"] < 1e-3 and damped["nonpos"] == 0
     assert damped["auc"] > 0.8
     fo = rows["first_order"]
     assert fo["warning"] == "zero" and fo["auc"] == 0.5 and fo["dx_norm"] == 0.0
-    assert cg["products"] == 10 and cg["g_calls"] == 2 and rows["itd20"]["g_calls"] == 21
+    assert cg["products"] == 50 and cg["g_calls"] == 2 and rows["itd20"]["g_calls"] == 21
 
 
 def test_hyper_representation_cg_equals_dense_ift_where_hessian_is_definite(nc):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import tree as T
 from .estimators import FirstOrder
-from .solvers import IndefiniteSystemError, Nystrom
+from .solvers import IndefiniteSystemError, residual_grew
 
 __all__ = ["INDEFINITE", "ZERO_FIRST_ORDER", "flags", "act"]
 
@@ -30,8 +30,9 @@ _NEGATIVE = (
     "indefinite where it ran (typical when every weight of a deep network is inner), so the implicit-function "
     "formula's assumption fails and the hypergradient may be noise.")
 _GREW = (
-    "the linear solve of the hypergradient ended with a larger residual than it started with: it diverged "
-    "(a fixed-point lr above 2/λmax(∇yy g), or an indefinite ∇yy g), so the hypergradient may be noise.")
+    "the linear solve of the hypergradient (a fixed-point or Neumann iteration) ended with a larger residual "
+    "than it started with: it diverged (an lr above 2/λmax(∇yy g), or an indefinite ∇yy g), so the "
+    "hypergradient may be noise.")
 _REMEDIES = (
     "  The figures are in aux.solve / info.solve (iterations, residual, nonpositive_curvature).  Remedies: "
     "tb.cg(steps, indefinite='truncate') (stop at the first non-positive curvature, as Newton-CG), "
@@ -59,10 +60,7 @@ def flags(dx, aux, estimator) -> Dict[str, Tensor]:
     if aux.solve is not None:                 # AID's solve, stocBiO's Neumann series
         info = aux.solve               # a code: 1·(non-positive curvature) + 2·(residual grew)
         code = (info.nonpositive_curvature > 0).double()
-        if not isinstance(getattr(estimator, "solver", None), Nystrom):
-            # an iteration that ends worse than it started diverged; Nyström's residual
-            # measures how well rank k explains the system, not a divergence
-            code = code + 2 * (info.residual > info.start_residual).double()
+        code = code + 2 * residual_grew(info, getattr(estimator, "solver", None)).double()
         out[INDEFINITE] = code
     if isinstance(estimator, FirstOrder):
         out[ZERO_FIRST_ORDER] = T.sqnorm(dx) == 0
