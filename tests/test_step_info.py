@@ -1,0 +1,217 @@
+"""``algo.step(state, inner_batch, outer_batch, has_aux=True)`` (issue 26, item 2): every
+algorithm returns the state it returns without has_aux, bit for bit, and a StepInfo whose
+figures equal an independent recomputation — the losses by hand (closed-form objectives of
+test_single_loop.quadratic) at the point and on the sample the docstring names, the
+hypergradient norm as ‖x_t − x_{t+1}‖/α_t (the direction x moved along), FdeHBO's δ as
+fd_delta of the state it perturbed; tb.progress gives floats from one host read."""
+import io
+import math
+import textwrap
+
+import pytest
+import torch
+
+import torchbilevel as tb
+from test_single_loop import quadratic
+
+DT = torch.float64
+RHO = 0.5
+
+# name -> (constructor, keyword arguments), each run on one fixed batch per level
+ALGOS = {
+    "fdehbo": (tb.fdehbo, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)),
+    "fmbo": (tb.fmbo, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)),
+    "soba": (tb.soba, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3)),
+    "ma_soba": (tb.ma_soba, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, momentum=0.5)),
+    "mrbo": (tb.mrbo, dict(lr_x=0.1, lr_y=0.3, eta_x=0.5, eta_y=0.5, neumann_steps=4)),
+    "f2sa": (tb.f2sa, dict(lr_x=0.1, lr_y=0.3, lr_z=0.3, inner_steps=3)),
+    "bome": (tb.bome, dict(lr_x=0.1, lr_y=0.3, inner_steps=3)),
+    "saba": (tb.saba, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, n_inner=1, n_outer=1)),
+    "srba": (tb.srba, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, n_inner=1, n_outer=1, period=2)),
+    "amigo": (tb.amigo, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, inner_steps=1, v_steps=2)),
+    "ttsa": (tb.ttsa, dict(lr_x=0.1, lr_y=0.3, neumann_steps=4)),
+    "fsla": (tb.fsla, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5)),
+    "vrbo": (tb.vrbo, dict(lr_x=0.1, lr_y=0.3, lr_v=0.3, inner_steps=1, neumann_steps=3, period=2)),
+}
+PAIRED = {"saba", "srba"}                 # batches are (i, batch) pairs
+STEPS = 4
+
+
+def setup(name, **over):
+    prob, inner, outer, _ = quadratic(rho=RHO)
+    ctor, kw = ALGOS[name]
+    algo = ctor(prob, **{**kw, **over})
+    gen = torch.Generator().manual_seed(1)
+    x, y = {"h": torch.randn(4, generator=gen, dtype=DT)}, {"w": torch.randn(5, generator=gen, dtype=DT)}
+    b_in, b_out = inner[0], outer[0]
+    batches = ((0, b_in), (0, b_out)) if name in PAIRED else (b_in, b_out)
+    return algo, algo.init(x, y), batches, b_in, b_out
+
+
+def g_hand(x, y, b):
+    A, B = b
+    return 0.5 * y @ A @ y - y @ B @ x
+
+
+def f_hand(x, y, c):
+    return 0.5 * (y - c) @ (y - c) + 0.5 * RHO * x @ x
+
+
+def flat(d):
+    return torch.cat([t.reshape(-1) for t in d.values()])
+
+
+def same_state(a, b):
+    """Bitwise equal NamedTuple states (tensors, numbers, layouts)."""
+    assert type(a) is type(b)
+    for name, u, w in zip(a._fields, a, b):
+        if isinstance(u, torch.Tensor):
+            assert torch.equal(u, w), name
+        elif isinstance(u, dict):
+            assert u.keys() == w.keys() and all(torch.equal(u[k], w[k]) for k in u), name
+        elif isinstance(u, tuple) and hasattr(u, "_fields"):
+            same_state(u, w)
+        else:
+            assert u == w, name
+
+
+def expected(name, old, new, b_in, b_out, info):
+    """(inner loss, outer loss) by hand at the point the docstring of ``name`` names."""
+    x0, y0, x1, y1 = flat(old.x), flat(old.y), flat(new.x), flat(new.y)
+    if name == "fdehbo":        # ∇y g from the ± pair (one full batch): the pair's mean value
+        v, d = flat(old.v), info.delta
+        g = 0.5 * (g_hand(x0, y0 + d * v, b_in) + g_hand(x0, y0 - d * v, b_in))
+        return g, f_hand(x0, y0, b_out)
+    if name == "f2sa":
+        return g_hand(x0, flat(new.z), b_in), f_hand(x0, y1, b_out)
+    if name in ("ttsa", "fsla", "amigo"):   # amigo with T = 1: g at y_t, f at y_{t+1}
+        return g_hand(x0, y0, b_in), f_hand(x0, y1, b_out)
+    if name == "vrbo":          # m = 1: the inner step's point (x_{t+1}, y_t)
+        return g_hand(x1, y0, b_in), f_hand(x1, y0, b_out)
+    return g_hand(x0, y0, b_in), f_hand(x0, y0, b_out)
+
+
+def step_size(name, t):
+    kw = ALGOS[name][1]
+    if name == "ttsa":
+        return kw["lr_x"] / (t + 1) ** 0.6
+    return kw["lr_x"]
+
+
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_has_aux_leaves_the_state_bitwise_and_reports_what_was_evaluated(name):
+    algo, s, (bi, bo), b_in, b_out = setup(name)
+    plain = s
+    for t in range(STEPS):
+        plain = algo.step(plain, bi, bo)
+        new, info = algo.step(s, bi, bo, has_aux=True)
+        same_state(plain, new)
+        assert isinstance(info, tb.StepInfo)
+        g, f = expected(name, s, new, b_in, b_out, info)
+        torch.testing.assert_close(info.inner_loss.to(DT), g, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(info.outer_loss.to(DT), f, rtol=1e-12, atol=1e-12)
+        moved = torch.linalg.vector_norm(flat(s.x) - flat(new.x)) / step_size(name, t)
+        torch.testing.assert_close(info.hypergrad_norm.to(DT), moved, rtol=1e-9, atol=1e-12)
+        for field in info:
+            if isinstance(field, torch.Tensor):
+                assert field.dim() == 0
+        s = new
+
+
+def test_fdehbo_delta_is_fd_delta_of_the_state_it_perturbed():
+    algo, s, (bi, bo), _, _ = setup("fdehbo")
+    for _ in range(3):
+        new, info = algo.step(s, bi, bo, has_aux=True)
+        torch.testing.assert_close(info.delta, tb.derivatives.fd_delta(s.y, s.v), rtol=0, atol=0)
+        s = new
+    algo, s, (bi, bo), _, _ = setup("fdehbo", delta=1e-4)
+    assert float(algo.step(s, bi, bo, has_aux=True)[1].delta) == pytest.approx(1e-4)
+    _, info = setup("fmbo")[0].step(setup("fmbo")[1], bi, bo, has_aux=True)
+    assert info.delta is None
+
+
+@pytest.mark.parametrize("name", ["fdehbo", "fmbo", "ma_soba"])
+def test_projected_when_a_small_radius_binds_and_not_with_radius_inf(name):
+    for radius, binds in ((1e-3, True), (float("inf"), False)):
+        algo, s, (bi, bo), _, _ = setup(name, radius=radius)
+        for t in range(3):
+            s, info = algo.step(s, bi, bo, has_aux=True)
+            if t == 0:      # v_0 = 0: the first w is λ∇y f, of norm ‖w‖ = v_norm
+                continue
+            assert info.projected.dtype == torch.bool and bool(info.projected) is binds
+            assert (float(info.v_norm) > radius) is binds
+            if binds:       # the projected v has norm r, the unprojected w is v_norm
+                assert float(torch.linalg.vector_norm(flat(s.v))) == pytest.approx(radius, rel=1e-12)
+
+
+def test_v_norm_is_the_norm_of_the_new_v_without_projection():
+    algo, s, (bi, bo), _, _ = setup("soba")
+    for _ in range(3):
+        s, info = algo.step(s, bi, bo, has_aux=True)
+        torch.testing.assert_close(info.v_norm, torch.linalg.vector_norm(flat(s.v)), rtol=1e-12, atol=0)
+        assert not bool(info.projected)
+
+
+@pytest.mark.parametrize("name", ["f2sa", "bome"])
+def test_multiplier_is_the_step_s_lambda(name):
+    algo, s, (bi, bo), _, _ = setup(name)
+    for _ in range(3):
+        new, info = algo.step(s, bi, bo, has_aux=True)
+        lam = s.lam if name == "f2sa" else new.lam      # f2sa: λ_k the step used; bome: the state's last λ
+        assert float(info.multiplier) == pytest.approx(float(lam), rel=1e-15)
+        s = new
+
+
+def test_fdehbo_inner_loss_without_the_pair_is_g_at_the_iterate():
+    """With separate samples for the y update and the products (iterators), ∇y g is
+    evaluated at y_t itself: the reported inner loss is g(x_t, y_t; ζ_t), ζ_t the first draw."""
+    prob, inner, outer, _ = quadratic(rho=RHO)
+    algo = tb.fdehbo(prob, **ALGOS["fdehbo"][1])
+    s = algo.init({"h": torch.ones(4, dtype=DT)}, {"w": torch.ones(5, dtype=DT)})
+    it_in, it_out = iter(inner * 10), iter(outer * 10)
+    for t in range(3):
+        zeta, psi_f = inner[(2 * t) % 6], outer[t % 6]
+        new, info = algo.step(s, it_in, it_out, has_aux=True)
+        torch.testing.assert_close(info.inner_loss, g_hand(flat(s.x), flat(s.y), zeta), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(info.outer_loss, f_hand(flat(s.x), flat(s.y), psi_f), rtol=1e-12, atol=1e-12)
+        s = new
+
+
+def test_progress_is_floats_from_the_tensors():
+    algo, s, (bi, bo), _, _ = setup("fdehbo", radius=1e-3)
+    for _ in range(2):
+        s, info = algo.step(s, bi, bo, has_aux=True)
+    d = tb.progress(info)
+    assert set(d) == {"inner_loss", "outer_loss", "hypergrad_norm", "delta", "projected", "v_norm"}
+    assert all(type(v) is float for v in d.values())
+    for k, v in d.items():
+        assert v == float(getattr(info, k))
+    assert d["projected"] == 1.0
+    assert tb.progress(tb.StepInfo()) == {}
+    assert tb.progress(tb.StepInfo(outer_loss=torch.tensor(2.5, dtype=torch.float32))) == {"outer_loss": 2.5}
+
+
+def test_progress_reads_the_host_once(monkeypatch):
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(t.shape) or real(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("progress read a tensor with .item()"))
+    info = tb.StepInfo(inner_loss=torch.tensor(1.0), outer_loss=torch.tensor(2.0, dtype=DT),
+                       hypergrad_norm=torch.tensor(3.0), projected=torch.tensor(True))
+    assert tb.progress(info) == {"inner_loss": 1.0, "outer_loss": 2.0, "hypergrad_norm": 3.0, "projected": 1.0}
+    assert calls == [torch.Size([4])]
+
+
+def test_a_tqdm_loop_shows_the_figures():
+    """The example of tb.progress's docstring runs as written (its bar into a buffer)."""
+    pytest.importorskip("tqdm")
+    doc = tb.progress.__doc__
+    start = doc.rindex("\n", 0, doc.index("import torch")) + 1
+    code = textwrap.dedent(doc[start:doc.index("To show a few")])
+    out = io.StringIO()
+    namespace = {"out": out}
+    exec(compile(code.replace("tqdm(range(200))", "tqdm(range(200), file=out, mininterval=0)"), "progress", "exec"),
+         namespace)
+    assert "outer_loss=" in out.getvalue() and "hypergrad_norm=" in out.getvalue()
+    assert namespace["state"].step == 200
+    assert math.isfinite(tb.progress(namespace["info"])["outer_loss"])
