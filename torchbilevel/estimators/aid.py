@@ -16,7 +16,7 @@ from .base import HypergradAux, outer_grads
 
 
 class AID(NamedTuple):
-    """AID estimator config: ``solver`` is ``tb.cg(...)`` or ``tb.fixed_point(...)``;
+    """AID estimator config: ``solver`` is ``tb.cg(...)``, ``tb.fixed_point(...)`` or ``tb.nystrom(...)``;
     ``mode`` picks the mechanism of the products (see :func:`torchbilevel.derivatives.linearize`)."""
     solver: object
     mode: str = "auto"
@@ -26,12 +26,17 @@ class AID(NamedTuple):
         ob, ib = draw(outer_batch, "outer_batch"), draw(inner_batch, "inner_batch")
         fx, fy, fval = outer_grads(problem, x, y, ob)
         lin = averaged(linearize(problem.inner, x, y, ib, self.mode), problem)   # one graph of ∇y g, reused
-        v = solve(self.solver, lin.hvp, fy, v0)               # ∇yy g·v = ∇y f
+        v, info = solve(self.solver, lin.hvp, fy, v0)         # (∇yy g + λI)·v = ∇y f
         record(LINEAR, v)
         jv = lin.mixed(v)
         record(MIXED, jv)
         dx = T.sub(fx, jv)                                    # eq. (3)
-        return dx, HypergradAux(y, v, fval.detach())
+        return dx, HypergradAux(y, v, fval.detach(), info)
+
+    @property
+    def generator(self):
+        """The solver's generator (Nyström's coordinates), carried per run by the double loop."""
+        return getattr(self.solver, "generator", None)
 
 
 def aid(solver, mode: str = "auto") -> AID:
@@ -41,7 +46,8 @@ def aid(solver, mode: str = "auto") -> AID:
     (measured 2.2-2.6 gradient evaluations of g for CG(10) on LeNet, bench/RESULTS.md).
     Warm-start v with ``hg(..., v0=aux.v)``."""
     if not is_solver(solver):
-        raise TypeError(f"aid(solver) needs tb.cg(...) or tb.fixed_point(...), got {type(solver).__name__}")
+        raise TypeError(f"aid(solver) needs tb.cg(...), tb.fixed_point(...) or tb.nystrom(...), "
+                        f"got {type(solver).__name__}")
     if mode not in ("auto", "autograd", "func"):
         raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
     return AID(solver, mode)

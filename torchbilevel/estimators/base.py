@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from .. import tree as T
+from ..solvers import SolveInfo
 
 
 class HypergradAux(NamedTuple):
@@ -15,10 +16,13 @@ class HypergradAux(NamedTuple):
        ITD and PZOBO; the given y for AID and stocBiO).
     v: the linear-system solution (AID, stocBiO's v_Q), or None.
     outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
+    solve: what the linear solve did (:class:`torchbilevel.solvers.SolveInfo`: iterations,
+       relative residual, iterations that met non-positive curvature) for AID, else None.
     """
     y: T.Tree
     v: Optional[T.Tree]
     outer_loss: Tensor
+    solve: Optional[SolveInfo] = None
 
 
 def outer_grads(problem, x, y, batch):
