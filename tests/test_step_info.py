@@ -215,3 +215,55 @@ def test_a_tqdm_loop_shows_the_figures():
     assert "outer_loss=" in out.getvalue() and "hypergrad_norm=" in out.getvalue()
     assert namespace["state"].step == 200
     assert math.isfinite(tb.progress(namespace["info"])["outer_loss"])
+
+
+# ---------------------------------------------------------------- double loop and tb.hypergrad
+def g_dict(x, y, b):
+    return g_hand(x["h"], y["w"], b)
+
+
+@pytest.mark.parametrize("est", ["aid", "stocbio", "itd", "pzobo", "first_order"])
+@pytest.mark.parametrize("outer", ["sgd", "adam"])
+def test_double_loop_reports_the_estimate_s_losses_norm_and_solve(est, outer):
+    prob, inner, outer_b, _ = quadratic(rho=RHO)
+    make = {"aid": lambda: tb.aid(tb.cg(steps=3)), "stocbio": lambda: tb.stocbio(3, 0.2),
+            "itd": lambda: tb.itd(2, 0.2), "first_order": tb.first_order,
+            "pzobo": lambda: tb.pzobo(2, 0.2, directions=2, mu=1e-3, generator=torch.Generator().manual_seed(3))}
+    algos = [tb.double_loop(prob, make[est](), lr_x=0.1, inner_steps=2, lr_y=0.2, outer=outer) for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    x, y = {"h": torch.randn(4, generator=gen, dtype=DT)}, {"w": torch.randn(5, generator=gen, dtype=DT)}
+    s_plain, s = algos[0].init(x, y), algos[1].init(x, y)
+    b_in, b_out = inner[0], outer_b[0]
+    hg = tb.hypergrad(prob, make[est](), has_aux=True)
+    for k in range(3):
+        s_plain = algos[0].step(s_plain, b_in, b_out)
+        new, info = algos[1].step(s, b_in, b_out, has_aux=True)
+        same_state(s_plain, new)
+        # the estimate at the inner iterate the step reached (2 GD steps from s.y), by hand
+        w = s.y["w"]
+        for _ in range(2):
+            A, B = b_in
+            w = w - 0.2 * (A @ w - B @ s.x["h"])
+        if est == "pzobo":      # its own inner path (random): f at the iterate it returned
+            torch.testing.assert_close(info.outer_loss, f_hand(s.x["h"], new.y["w"], b_out), rtol=1e-12, atol=1e-12)
+        elif est == "itd":
+            torch.testing.assert_close(info.outer_loss, f_hand(s.x["h"], new.y["w"], b_out), rtol=1e-12, atol=1e-12)
+        else:
+            torch.testing.assert_close(info.outer_loss, f_hand(s.x["h"], w, b_out), rtol=1e-12, atol=1e-12)
+        if est == "stocbio":
+            torch.testing.assert_close(info.inner_loss, g_hand(s.x["h"], w, b_in), rtol=1e-12, atol=1e-12)
+        if est != "pzobo":
+            dx, aux = hg(s.x, {"w": w}, b_in, b_out, v0=s.v if est == "aid" else None)
+            torch.testing.assert_close(info.hypergrad_norm, torch.linalg.vector_norm(dx["h"]), rtol=1e-12, atol=0)
+        if outer == "sgd":
+            moved = torch.linalg.vector_norm(s.x["h"] - new.x["h"]) / 0.1
+            torch.testing.assert_close(info.hypergrad_norm, moved, rtol=1e-9, atol=0)
+        if est == "aid":
+            assert isinstance(info.solve, tb.solvers.SolveInfo)
+            assert int(info.solve.iterations) == 3
+            torch.testing.assert_close(info.solve.residual, aux.solve.residual, rtol=1e-12, atol=1e-15)
+            d = tb.progress(info)
+            assert d["solve_iterations"] == 3.0 and d["solve_residual"] == float(info.solve.residual)
+        else:
+            assert info.solve is None
+        s = new

@@ -27,13 +27,17 @@ class StocBiO(NamedTuple):
         fx, fy, fval = outer_grads(problem, x, y, draw(outer_batch, "outer_batch"))      # D_F
         fresh = isinstance(inner_batch, collections.abc.Iterator)
         shared = None if fresh else averaged(linearize(problem.inner, x, y, inner_batch, self.mode), problem)
+        first = []          # the first linearisation's g value: the aux's inner loss
 
         def op():
             # draw(), not next(): an exhausted iterator is a ValueError, not a StopIteration
             # (which a surrounding generator or for-loop would silently swallow)
             if shared is not None:
                 return shared
-            return averaged(linearize(problem.inner, x, y, draw(inner_batch, "inner_batch"), self.mode), problem)
+            lin = averaged(linearize(problem.inner, x, y, draw(inner_batch, "inner_batch"), self.mode), problem)
+            if not first:
+                first.append(lin.value)
+            return lin
 
         r, acc = fy, fy
         for _ in range(self.neumann_steps):                                # i = Q, ..., 1
@@ -45,7 +49,8 @@ class StocBiO(NamedTuple):
         jv = op().mixed(v)
         record(MIXED, jv)
         dx = T.sub(fx, jv)                                                 # eq. (6), D_G
-        return dx, HypergradAux(y, v, fval.detach())
+        g_val = shared.value if shared is not None else first[0]
+        return dx, HypergradAux(y, v, fval.detach(), inner_loss=g_val)
 
 
 def stocbio(neumann_steps: int, eta: float, mode: str = "auto") -> StocBiO:
@@ -56,7 +61,9 @@ def stocbio(neumann_steps: int, eta: float, mode: str = "auto") -> StocBiO:
 
     When ``inner_batch`` is an iterator each Neumann term uses a fresh batch B_i and the
     mixed product a fresh batch D_G; otherwise one batch (and one autograd graph) serves
-    all terms."""
+    all terms.  ``has_aux``: ``aux.inner_loss`` is g(x, y) on the first of those batches,
+    from its linearisation's forward (None under torch.func transforms; rank-local with a
+    data-parallel problem)."""
     if mode not in ("auto", "autograd", "func"):
         raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
     return StocBiO(check_steps(neumann_steps, "neumann_steps"), check_positive(eta, "eta"), mode)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["StepInfo", "progress", "reply", "norm"]
+__all__ = ["StepInfo", "progress", "reply", "norm", "tree_norm"]
 
 
 class StepInfo(NamedTuple):
@@ -66,6 +66,21 @@ def norm(vec: Tensor, layout=None) -> Tensor:
         from .. import sharding as S
         return S.global_sqnorms(layout, vec)[0].sqrt().to(work)
     return torch.linalg.vector_norm(vec.to(work))
+
+
+def tree_norm(tree, spec=None) -> Tensor:
+    """‖tree‖ over all entries of a dict of tensors (float32, float64 for float64); with
+    ``spec`` (``sharding.Specs``) of a sharded dict, over every rank's shard (one
+    all-reduce; replicated entries counted once)."""
+    ts = list(tree.values())
+    work = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+    sq = lambda group: sum((t.to(work).pow(2).sum() for t in group), torch.zeros((), dtype=work, device=ts[0].device))
+    if spec is None or spec.shards is None:
+        return sq(ts).sqrt()
+    import torch.distributed as dist
+    shard = sq([t for t, sh in zip(ts, spec.shards) if sh is not None])
+    dist.all_reduce(shard)
+    return (shard + sq([t for t, sh in zip(ts, spec.shards) if sh is None])).sqrt()
 
 
 def _figures(info: StepInfo):
