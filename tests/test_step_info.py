@@ -267,3 +267,76 @@ def test_double_loop_reports_the_estimate_s_losses_norm_and_solve(est, outer):
         else:
             assert info.solve is None
         s = new
+
+
+# ---------------------------------------------------------------- sharded models (FSDP2, 2 gloo ranks)
+def sharded_figures(net, rank, world):
+    """The figures of the gradient-only methods on the body/head split, 3 steps each."""
+    from test_sharded import data, problems
+    (X, t), (Xv, tv) = data()
+    tr, va = (X[rank::world], t[rank::world]), (Xv[rank::world], tv[rank::world])
+    scaled, body = problems(net)
+    if world > 1:
+        scaled, body = tb.distributed.data_parallel(scaled), tb.distributed.data_parallel(body)
+    x_b, y_h = tb.nn.split(net, inner=["2"])
+    out = {}
+    # FdeHBO on x = an input scale, y = every weight (on the body/head split a rank whose shard
+    # of the 1-row head is empty zeroes its finite-difference products: tests/test_sharded.py
+    # fails there on main too)
+    algo = tb.fdehbo(scaled, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0)
+    s = algo.init({"s": torch.zeros(6, dtype=DT)}, {k: p.detach() for k, p in net.named_parameters()})
+    for k in range(3):
+        s, info = algo.step(s, tr, va, has_aux=True)
+        out[f"fdehbo {k}"] = {f: getattr(info, f).detach().clone() for f in ("inner_loss", "outer_loss",
+                                                                             "hypergrad_norm", "delta", "v_norm")}
+    for name, algo in (
+                       ("f2sa", tb.f2sa(body, lr_x=0.1, lr_y=0.2, lr_z=0.2)),
+                       ("bome", tb.bome(body, lr_x=0.1, lr_y=0.2, inner_steps=3)),
+                       ("first_order", tb.double_loop(body, tb.first_order(), lr_x=0.1, inner_steps=2, lr_y=0.2))):
+        s = algo.init(x_b, y_h)
+        for k in range(3):
+            s, info = algo.step(s, tr, va, has_aux=True)
+            out[f"{name} {k}"] = {f: getattr(info, f).detach().clone() for f in ("inner_loss", "outer_loss",
+                                                                                 "hypergrad_norm", "multiplier")
+                                  if getattr(info, f) is not None}
+    return out
+
+
+def _sharded_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        from torch.distributed.fsdp import fully_shard
+        from test_sharded import model
+        torch.set_num_threads(1)
+        net = model()
+        fully_shard(net[0])
+        fully_shard(net)
+        torch.save(sharded_figures(net, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_runs_report_the_figures_of_one_process(tmp_path):
+    import os
+    import torch.distributed as dist
+    from spawning import spawn
+    from test_sharded import model
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    reference = sharded_figures(model(), 0, 1)
+    rdv, world = str(tmp_path / "rendezvous"), 2
+    results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    spawn(_sharded_worker, (world, rdv, str(tmp_path)), world, results, rdv)
+    for r, path in enumerate(results):
+        res = torch.load(path, weights_only=False)
+        assert res.keys() == reference.keys()
+        for key, ref in reference.items():
+            assert res[key].keys() == ref.keys() and {"inner_loss", "outer_loss", "hypergrad_norm"} <= set(ref) | (
+                {"inner_loss"} if key.startswith("first_order") else set()), key
+            for f, v in ref.items():
+                torch.testing.assert_close(res[key][f], v, rtol=1e-6, atol=1e-9, msg=f"{key} {f} rank {r}")
