@@ -13,13 +13,14 @@ from .optim import BOMEState, F2SAState, MRBOState, bome, f2sa, ma_soba, mrbo, s
 from .optim import AmIGOState, FSLAState, SABAState, SRBAState, TTSAState, amigo, fsla, saba, srba, ttsa
 from .optim import VRBOState, vrbo
 from .optim import StepInfo, progress
+from .output_loss import OutputLoss
 from .problem import Bilevel
 from .solvers import IndefiniteSystemError, SolveInfo, cg, fixed_point, nystrom
 from .tasks import over_tasks
 
 __version__ = "0.1.0"
 
-__all__ = ["Bilevel", "cg", "fixed_point", "nystrom", "SolveInfo", "IndefiniteSystemError", "solvers", "aid", "itd", "stocbio", "pzobo", "first_order", "hypergrad",
+__all__ = ["Bilevel", "OutputLoss", "cg", "fixed_point", "nystrom", "SolveInfo", "IndefiniteSystemError", "solvers", "aid", "itd", "stocbio", "pzobo", "first_order", "hypergrad",
            "buffers", "randomness",
            "HypergradAux", "tree", "derivatives", "distributed", "guards", "nn", "double_loop", "DoubleLoopState",
            "Algorithm", "schedules", "fdehbo", "fmbo", "SingleLoopState",
