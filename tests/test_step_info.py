@@ -182,10 +182,11 @@ def test_progress_is_floats_from_the_tensors():
     for _ in range(2):
         s, info = algo.step(s, bi, bo, has_aux=True)
     d = tb.progress(info)
-    assert set(d) == {"inner_loss", "outer_loss", "hypergrad_norm", "delta", "projected", "v_norm"}
+    solve = {f"solve_{k}" for k in tb.SolveInfo._fields}
+    assert set(d) == {"inner_loss", "outer_loss", "hypergrad_norm", "delta", "projected", "v_norm"} | solve
     assert all(type(v) is float for v in d.values())
     for k, v in d.items():
-        assert v == float(getattr(info, k))
+        assert v == float(getattr(info.solve, k[6:]) if k in solve else getattr(info, k))
     assert d["projected"] == 1.0
     assert tb.progress(tb.StepInfo()) == {}
     assert tb.progress(tb.StepInfo(outer_loss=torch.tensor(2.5, dtype=torch.float32))) == {"outer_loss": 2.5}
@@ -340,3 +341,50 @@ def test_sharded_runs_report_the_figures_of_one_process(tmp_path):
                 {"inner_loss"} if key.startswith("first_order") else set()), key
             for f, v in ref.items():
                 torch.testing.assert_close(res[key][f], v, rtol=1e-6, atol=1e-9, msg=f"{key} {f} rank {r}")
+
+
+# ---------------------------------------------------------------- the linear system's report
+def residual(v, y, b_in, b_out):
+    """‖A v − ∇y f‖/‖∇y f‖ of test_single_loop.quadratic at y (∇y f = y − c)."""
+    A, _ = b_in
+    return torch.linalg.vector_norm(A @ v - (y - b_out)) / torch.linalg.vector_norm(y - b_out)
+
+
+@pytest.mark.parametrize("name", ["fdehbo", "fmbo", "soba", "ma_soba", "saba", "srba", "fsla", "amigo"])
+def test_solve_reports_the_residual_of_the_linear_system_by_hand(name):
+    algo, s, (bi, bo), b_in, b_out = setup(name, **({"inner_steps": 1, "v_steps": 2} if name == "amigo" else {}))
+    for t in range(STEPS):
+        new, info = algo.step(s, bi, bo, has_aux=True)
+        rep = info.solve
+        assert isinstance(rep, tb.SolveInfo)
+        v0, y0, y1 = flat(s.v), flat(s.y), flat(new.y)
+        y_lin = y1 if name in ("fsla", "amigo") else y0          # the point of the v step's products
+        start = residual(v0, y_lin, b_in, b_out)
+        if name == "amigo":     # M = 2: the second product at v_{t,1} = v_t − λ(A v_t − ∇y f)
+            A, _ = b_in
+            end = residual(v0 - 0.3 * (A @ v0 - (y_lin - b_out)), y_lin, b_in, b_out)
+            assert int(rep.iterations) == 2
+        else:
+            end = start
+            assert int(rep.iterations) == 1
+        tol = 1e-7 if name == "fdehbo" else 1e-9        # FdeHBO: the finite-difference product
+        torch.testing.assert_close(rep.start_residual, start, rtol=tol, atol=1e-12)
+        torch.testing.assert_close(rep.residual, end, rtol=tol, atol=1e-12)
+        assert int(rep.nonpositive_curvature) == 0 and not bool(rep.truncated)      # A is positive definite
+        s = new
+    assert {"solve_iterations", "solve_residual", "solve_start_residual", "solve_nonpositive_curvature",
+            "solve_truncated"} <= set(tb.progress(info))
+
+
+def test_nonpositive_curvature_counts_directions_of_negative_curvature_at_nonzero_v():
+    from torchbilevel.optim.step_info import nonpositive, one_step_solve, sgd_solve
+    A = torch.diag(torch.tensor([-1.0, 1.0, 2.0], dtype=DT))
+    e1, e2, zero = torch.eye(3, dtype=DT)[0], torch.eye(3, dtype=DT)[1], torch.zeros(3, dtype=DT)
+    assert bool(nonpositive(e1, A @ e1)) and not bool(nonpositive(e2, A @ e2))
+    assert not bool(nonpositive(zero, A @ zero))             # v = 0 says nothing about curvature
+    b = torch.tensor([0.0, 3.0, 4.0], dtype=DT)
+    rep = one_step_solve(e1, A @ e1, b)
+    assert int(rep.nonpositive_curvature) == 1
+    torch.testing.assert_close(rep.residual, torch.linalg.vector_norm(A @ e1 - b) / 5.0, rtol=1e-15, atol=0)
+    rep0 = sgd_solve(3, torch.tensor(4.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(False))
+    assert float(rep0.residual) == 0.0 and float(rep0.start_residual) == 0.0 and int(rep0.iterations) == 3

@@ -90,8 +90,11 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
         (ζ_t = ψ_t, no running statistics), the pair's mean (g(y_t + δ_t v_t) +
         g(y_t − δ_t v_t))/2 = g(y_t) + O(δ²) on ψ_t; ``outer_loss`` f(x_t, y_t; ψ_t);
         ``hypergrad_norm`` ‖h^f_t‖ (the momentum direction x moves along); ``delta`` δ_t;
-        ``projected`` whether ‖w_{t+1}‖ > r; ``v_norm`` ‖w_{t+1}‖ (v before projection).
-        With a data-parallel problem the losses are means over ranks.
+        ``projected`` whether ‖w_{t+1}‖ > r; ``v_norm`` ‖w_{t+1}‖ (v before projection);
+        ``solve`` the linear system at v_t on ψ_t (relative residual ‖H̃v_t − ∇y f‖/‖∇y f‖
+        with the step's finite-difference H̃v_t, whether v_tᵀH̃v_t ≤ 0; see
+        ``torchbilevel.optim.step_info.one_step_solve``).  With a data-parallel problem the
+        losses are means over ranks.
     """
     return single_loop(problem, fd=True, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
                        eta_v=eta_v, radius=radius, delta=delta, backend=backend, batched=batched,
@@ -155,7 +158,8 @@ def fmbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
         ``state.v`` are dicts; ``algo.state_dict(state)`` / ``algo.load_state_dict(d)``
         checkpoint it.  ``algo.step(..., has_aux=True)`` returns ``(state, StepInfo)`` as
         FdeHBO's (``inner_loss`` g(x_t, y_t; ζ_t), ``outer_loss`` f(x_t, y_t; ψ_t),
-        ``hypergrad_norm`` ‖h^f_t‖, ``projected``, ``v_norm``), without ``delta``.
+        ``hypergrad_norm`` ‖h^f_t‖, ``projected``, ``v_norm``, ``solve`` with the exact
+        ∇yy g·v_t), without ``delta``.
     """
     return single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
                        eta_v=eta_v, radius=radius, delta=None, backend=backend, batched=None,

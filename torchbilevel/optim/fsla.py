@@ -36,7 +36,7 @@ from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .amigo import hvp_flat, mixed_flat
 from .schedule import value_at
-from .step_info import StepInfo, norm, reply
+from .step_info import StepInfo, norm, one_step_solve, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -76,8 +76,9 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
     Returns an :class:`torchbilevel.Algorithm`.  ``step(..., has_aux=True)`` returns
     ``(state,`` :class:`torchbilevel.StepInfo` ``)``: ``inner_loss`` g(x_t, y_t; ζ_t) (the
     y step's evaluation), ``outer_loss`` f(x_t, y_{t+1}; ψ_t) (the v step's ∇y f),
-    ``hypergrad_norm`` ‖h_t‖ (the momentum direction x moves along); data parallel: means
-    over ranks.
+    ``hypergrad_norm`` ‖h_t‖ (the momentum direction x moves along), ``solve`` the v step's
+    report at v_t (‖∇yy g·v_t − ∇y f‖/‖∇y f‖ at (x_t, y_{t+1}) on ζ'_t, ψ_t; v_tᵀ∇yy g v_t ≤ 0);
+    data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -133,7 +134,8 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
             check_step(name, t, (x_new, y, v), trace, "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, vf=s.vf, h=s.h)
         return reply(FSLAState(x_new, y, v, h, s.xf, t + 1, lx, ly), has_aux,
-                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(h)))
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(h),
+                                      solve=one_step_solve(s.vf, hv, fy)))
 
     state_dict, load_state_dict = checkpoint(FSLAState, name)
     return Algorithm(init, guarded(FSLAState, body, problem), state_dict, load_state_dict, name)

@@ -45,7 +45,7 @@ from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
-from .step_info import StepInfo, norm, reply
+from .step_info import StepInfo, norm, one_step_solve, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -131,6 +131,13 @@ def outer_row(problem, lx, ly, xf, yf, batch):
     return torch.cat([fy, fx.to(fy.dtype)]), f_val
 
 
+def solve_report(vf: Tensor, d_g: Tensor, d_f: Tensor):
+    """The linear system's report (:func:`torchbilevel.optim.step_info.one_step_solve`) at v
+    from the SOBA-shaped directions: their ∇yy g·v and ∇y f parts."""
+    dy = vf.numel()
+    return one_step_solve(vf, d_g[dy:2 * dy], d_f[:dy])
+
+
 def split_rows(d_g: Tensor, d_f: Tensor, dy: int):
     """(y direction, v direction, x direction) of the SOBA-shaped rows ``d_g``, ``d_f``:
     ∇y g,  ∇yy g·v − ∇y f,  ∇x f − ∇xy g·v."""
@@ -179,8 +186,10 @@ def saba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, check_finite:
     :class:`torchbilevel.Algorithm`; ``state.x``, ``state.y``, ``state.v`` are dicts.
     ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``:
     ``inner_loss`` g_i(x_t, y_t) and ``outer_loss`` f_j(x_t, y_t) on the step's minibatches
-    i, j, ``hypergrad_norm`` ‖D^f_x − D^g_{xy·v}‖ (the SAGA direction x moves along);
-    data parallel: means over ranks.
+    i, j, ``hypergrad_norm`` ‖D^f_x − D^g_{xy·v}‖ (the SAGA direction x moves along),
+    ``solve`` the v step's report at v_t from the SAGA estimates of ∇yy g·v_t and ∇y f
+    (relative residual ‖D^g_{yy·v} − D^f_y‖/‖D^f_y‖, vᵀ(D^g_{yy·v}) ≤ 0); data parallel:
+    means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -226,7 +235,8 @@ def saba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, check_finite:
         mem_f = s.mem_f.index_copy(0, torch.tensor([j], device=r_f.device), r_f[None])
         new = SABAState(x_new, y_new, v_new, mem_g, mem_f, s.avg_g + diff_g / n_inner, s.avg_f + diff_f / n_outer,
                         t + 1, lx, ly)
-        return reply(new, has_aux, lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(dx)))
+        return reply(new, has_aux, lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(dx),
+                                                    solve=solve_report(s.vf, d_g, d_f)))
 
     state_dict, load_state_dict = checkpoint(SABAState, name)
     return Algorithm(init, pair_step(SABAState, body, problem, name, sizes), state_dict, load_state_dict, name)

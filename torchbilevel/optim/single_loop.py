@@ -39,7 +39,7 @@ from ..problem import (check_params, check_positive, check_problem, check_unit, 
 from .algorithm import Algorithm
 from .single_loop_state import RADIUS_WINDOW, SingleLoopState, checkpoint
 from .schedule import value_at
-from .step_info import StepInfo, norm, reply
+from .step_info import StepInfo, norm, one_step_solve, reply
 
 
 def _flat(fn, lx, ly):
@@ -270,7 +270,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         modifies ``s`` (a FloatingPointError leaves it usable, and the random stream where
         it was).  ``has_aux=True`` returns ``(state, StepInfo)``: g(x_t, y_t; ζ_t) (FdeHBO
         taking ∇y g from the ± pair: the pair's mean (g(y_t+δv_t) + g(y_t−δv_t))/2 on ψ_t = ζ_t),
-        f(x_t, y_t; ψ_t), ‖h^f_t‖, δ_t (FdeHBO), whether the projection bound, ‖w_{t+1}‖."""
+        f(x_t, y_t; ψ_t), ‖h^f_t‖, δ_t (FdeHBO), whether the projection bound, ‖w_{t+1}‖, and
+        the linear system's report at v_t on ψ_t (``step_info.one_step_solve``)."""
         if not isinstance(s, SingleLoopState):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), \
@@ -326,7 +327,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             inner_loss=ev.losses[0], outer_loss=ev.losses[1], hypergrad_norm=norm(h_f, s.layout_x),
             delta=torch.as_tensor(d_cur, dtype=torch.float64 if s.yf.dtype == torch.float64 else torch.float32,
                                   device=s.yf.device) if fd else None,
-            projected=w_sq > radius * radius, v_norm=w_sq.sqrt()))
+            projected=w_sq > radius * radius, v_norm=w_sq.sqrt(),
+            solve=one_step_solve(s.vf, ev.gy_prod[0], ev.fy[0], s.layout_y)))
 
     state_dict, load_state_dict = checkpoint(name)
 

@@ -39,7 +39,7 @@ from .. import tree as T
 from ..problem import check_positive, check_problem, check_steps
 from ._flat import check_step, checkpoint, init_flat, view
 from .algorithm import Algorithm
-from .saba import Pairs, inner_row, outer_row, pair_step, split_rows
+from .saba import Pairs, inner_row, outer_row, pair_step, solve_report, split_rows
 from .schedule import value_at
 from .step_info import StepInfo, norm, reply
 
@@ -113,7 +113,8 @@ def srba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, period: Optio
     :class:`torchbilevel.StepInfo` ``)``: ``inner_loss`` and ``outer_loss`` at (x_t, y_t) —
     the full sums g and f at a full-sum step (the mean over the minibatches), g_i and f_j
     on the step's minibatches at a SARAH step — and ``hypergrad_norm`` ‖D^f_x − D^g_{xy·v}‖
-    (the SARAH direction x moves along); data parallel: means over ranks.
+    (the SARAH direction x moves along), ``solve`` the v step's report at v_t from the
+    SARAH estimates of ∇yy g·v_t and ∇y f (as SABA's); data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -170,7 +171,8 @@ def srba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, period: Optio
                        "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, vf=s.vf, d_g=s.d_g, d_f=s.d_f)
         new = SRBAState(x_new, y_new, v_new, s.xf, s.yf, s.vf, d_g, d_f, t + 1, n_inner, n_outer, lx, ly)
-        return reply(new, has_aux, lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(dx)))
+        return reply(new, has_aux, lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(dx),
+                                                    solve=solve_report(s.vf, d_g, d_f)))
 
     state_dict, load_state_dict = checkpoint(SRBAState, name)
     return Algorithm(init, pair_step(SRBAState, body, problem, name, sizes), state_dict, load_state_dict, name)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["StepInfo", "progress", "reply", "norm", "tree_norm"]
+__all__ = ["StepInfo", "progress", "reply", "norm", "tree_norm", "sgd_solve", "nonpositive", "one_step_solve"]
 
 
 class StepInfo(NamedTuple):
@@ -31,8 +31,11 @@ class StepInfo(NamedTuple):
         variance reduction (FdeHBO's h^f_t, MRBO's STORM momentum, SABA's SAGA
         direction), and in ``tb.double_loop`` the estimator's hypergradient *before* the
         outer rule (SGD or Adam).
-    solve: the linear solve's :class:`torchbilevel.solvers.SolveInfo` (double loop with
-        ``tb.aid``), or None.
+    solve: the linear solve's :class:`torchbilevel.solvers.SolveInfo`: the double loop with
+        ``tb.aid``; for the methods that take gradient steps on the linear system
+        (FdeHBO, FMBO, SOBA, MA-SOBA, SABA, SRBA, FSLA, AmIGO) the report of those steps
+        (:func:`sgd_solve`); None where no linear system is solved (F2SA, BOME) or a
+        Neumann series replaces it (MRBO, VRBO, TTSA).
     delta: FdeHBO's finite-difference step δ_t at the current iterate.
     projected: whether the projection of v on the ball of radius r bound at this step
         (‖w_{t+1}‖ > r; FdeHBO, FMBO, and MA-SOBA with a finite radius), a 0-d bool.
@@ -81,6 +84,48 @@ def tree_norm(tree, spec=None) -> Tensor:
     shard = sq([t for t, sh in zip(ts, spec.shards) if sh is not None])
     dist.all_reduce(shard)
     return (shard + sq([t for t, sh in zip(ts, spec.shards) if sh is None])).sqrt()
+
+
+def sgd_solve(steps: int, start_sq: Tensor, end_sq: Tensor, b_sq: Tensor, nonpositive: Tensor):
+    """The :class:`torchbilevel.solvers.SolveInfo` of ``steps`` gradient steps on the linear
+    system, v ← v − λ(∇yy g·v − ∇y f) (or a momentum direction built from it), from what
+    the steps computed anyway: ``start_sq`` / ``end_sq`` are ‖∇yy g·v − ∇y f‖² at the first
+    and the last iterate the product was evaluated at (each on its own sample; the last is
+    the iterate *before* the last step: the returned v has no product), ``b_sq`` = ‖∇y f‖²,
+    ``nonpositive`` the count of iterates with vᵀ∇yy g v ≤ 0 (v ≠ 0; see
+    :func:`nonpositive`).  Relative residuals as the solvers': ‖r‖/‖b‖ (0 where b = 0);
+    ``truncated`` is False (these steps never stop early)."""
+    from ..solvers import SolveInfo
+    ok = b_sq > 0
+    rel = lambda sq: torch.where(ok, sq / torch.where(ok, b_sq, torch.ones_like(b_sq)), torch.zeros_like(sq)).sqrt()
+    dev = b_sq.device
+    return SolveInfo(torch.tensor(steps, dtype=torch.int64, device=dev), rel(end_sq), rel(start_sq),
+                     nonpositive.to(torch.int64), torch.zeros((), dtype=torch.bool, device=dev))
+
+
+def nonpositive(v: Tensor, hv: Tensor, layout=None) -> Tensor:
+    """0-d bool: vᵀ∇yy g v ≤ 0 at a non-zero v (the linear system's operator is not
+    positive definite along v: the implicit-function formula's assumption fails there).
+    Over every rank's shard when ``layout`` is sharded (one all-reduce)."""
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    if layout is not None and layout.shards is not None:
+        from .. import sharding as S
+        d = S.dots((v.to(work), hv.to(work), layout), (v.to(work), v.to(work), layout))
+        return (d[0] <= 0) & (d[1] > 0)
+    return (torch.dot(v.to(work), hv.to(work)) <= 0) & (v != 0).any()
+
+
+def one_step_solve(v: Tensor, hv: Tensor, b: Tensor, layout=None):
+    """:func:`sgd_solve` of a single-loop method's one step on the linear system at v (flat
+    buffers: v, its product ∇yy g·v and the right-hand side ∇y f the step computed)."""
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    r, b = hv.to(work) - b.to(work), b.to(work)
+    if layout is not None and layout.shards is not None:
+        from .. import sharding as S
+        r_sq, b_sq = S.global_sqnorms(layout, r, b).to(work)
+    else:
+        r_sq, b_sq = r.pow(2).sum(), b.pow(2).sum()
+    return sgd_solve(1, r_sq, r_sq, b_sq, nonpositive(v, hv, layout))
 
 
 def _figures(info: StepInfo):
