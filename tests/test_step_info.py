@@ -290,6 +290,7 @@ def sharded_figures(net, rank, world):
         s, info = algo.step(s, tr, va, has_aux=True)
         out[f"fdehbo {k}"] = {f: getattr(info, f).detach().clone() for f in ("inner_loss", "outer_loss",
                                                                              "hypergrad_norm", "delta", "v_norm")}
+        out[f"fdehbo {k}"]["solve_residual"] = info.solve.residual.detach().clone()
     for name, algo in (
                        ("f2sa", tb.f2sa(body, lr_x=0.1, lr_y=0.2, lr_z=0.2)),
                        ("bome", tb.bome(body, lr_x=0.1, lr_y=0.2, inner_steps=3)),
@@ -388,3 +389,33 @@ def test_nonpositive_curvature_counts_directions_of_negative_curvature_at_nonzer
     torch.testing.assert_close(rep.residual, torch.linalg.vector_norm(A @ e1 - b) / 5.0, rtol=1e-15, atol=0)
     rep0 = sgd_solve(3, torch.tensor(4.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(False))
     assert float(rep0.residual) == 0.0 and float(rep0.start_residual) == 0.0 and int(rep0.iterations) == 3
+
+
+# ---------------------------------------------------------------- every variant, float32, a non-linear model
+def test_has_aux_interleaved_with_a_plain_run_on_one_object_equals_the_runs_alone():
+    """tests/test_run_state.py's 23 algorithms and estimators on its float32 tanh model: a
+    run stepped with has_aux=True in turn with a plain run on one algorithm object ends
+    where each ends alone, bit for bit, and every figure it reported is finite."""
+    from test_run_state import NAMES, algorithms, batch_for, flat_x, problem
+    for name in NAMES:
+        alone = []
+        for seed in (0, 1):
+            prob, x, y, b = problem(seed)
+            algo = algorithms(prob)[name]
+            s, b = algo.init(x, y), batch_for(name, b)
+            for _ in range(3):
+                s = algo.step(s, b, b)
+            alone.append(flat_x(algo, s))
+        prob0, x0, y0, b0 = problem(0)
+        _, x1, y1, b1 = problem(1)
+        b0, b1 = batch_for(name, b0), batch_for(name, b1)
+        algo = algorithms(prob0)[name]
+        s0, s1 = algo.init(x0, y0), algo.init(x1, y1)
+        for _ in range(3):
+            s0, info = algo.step(s0, b0, b0, has_aux=True)
+            s1 = algo.step(s1, b1, b1)
+            figures = tb.progress(info)
+            assert {"outer_loss", "hypergrad_norm"} <= set(figures), name
+            assert all(math.isfinite(v) for v in figures.values()), (name, figures)
+        assert torch.equal(flat_x(algo, s0), alone[0]), name
+        assert torch.equal(flat_x(algo, s1), alone[1]), name
