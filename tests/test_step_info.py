@@ -419,3 +419,23 @@ def test_has_aux_interleaved_with_a_plain_run_on_one_object_equals_the_runs_alon
             assert all(math.isfinite(v) for v in figures.values()), (name, figures)
         assert torch.equal(flat_x(algo, s0), alone[0]), name
         assert torch.equal(flat_x(algo, s1), alone[1]), name
+
+
+def test_fdehbo_step_with_has_aux_compiles_in_one_graph_without_a_host_read():
+    """fullgraph=True fails on any host read: the figures are tensors the graph returns
+    (tests/test_compile.py's setting: check_finite=False, a given δ, decisions at init)."""
+    algo, s, (bi, bo), _, _ = setup("fdehbo", delta=1e-4, check_finite=False)
+    c = algo.init(s.x, s.y, inner_batch=bi)
+    step = torch.compile(algo.step, fullgraph=True)
+    for _ in range(2):
+        s, info = algo.step(s, bi, bo, has_aux=True)
+        c_prev = c
+        c, cinfo = step(c, bi, bo, has_aux=True)
+        torch.testing.assert_close(c.xf, s.xf, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(cinfo.inner_loss, g_hand(flat(c_prev.x), flat(c_prev.y), bi), rtol=1e-12,
+                                   atol=1e-12)
+        for k, v in tb.progress(info).items():
+            # compiled, ∇y g is evaluated at y_t itself (no second backward through the ±
+            # pair's mean): the inner loss is g(y_t), not the pair's mean g(y_t) + O(δ²)
+            rel = 1e-6 if k == "inner_loss" else 1e-9
+            assert tb.progress(cinfo)[k] == pytest.approx(v, rel=rel, abs=1e-12), k

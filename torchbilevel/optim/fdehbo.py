@@ -87,8 +87,9 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
         has_aux=True)`` also returns a :class:`torchbilevel.StepInfo` of figures the step
         computed anyway (no extra evaluation, no host read; ``tb.progress(info)`` for a
         progress bar): ``inner_loss`` g(x_t, y_t; ζ_t) — when ∇y g comes from the ± pair
-        (ζ_t = ψ_t, no running statistics), the pair's mean (g(y_t + δ_t v_t) +
-        g(y_t − δ_t v_t))/2 = g(y_t) + O(δ²) on ψ_t; ``outer_loss`` f(x_t, y_t; ψ_t);
+        (ζ_t = ψ_t, no running statistics, eager: not under torch.compile or torch.func
+        transforms), the pair's mean (g(y_t + δ_t v_t) + g(y_t − δ_t v_t))/2 = g(y_t) + O(δ²)
+        on ψ_t; ``outer_loss`` f(x_t, y_t; ψ_t);
         ``hypergrad_norm`` ‖h^f_t‖ (the momentum direction x moves along); ``delta`` δ_t;
         ``projected`` whether ‖w_{t+1}‖ > r; ``v_norm`` ‖w_{t+1}‖ (v before projection);
         ``solve`` the linear system at v_t on ψ_t (relative residual ‖H̃v_t − ∇y f‖/‖∇y f‖
