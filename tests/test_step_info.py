@@ -439,3 +439,66 @@ def test_fdehbo_step_with_has_aux_compiles_in_one_graph_without_a_host_read():
             # pair's mean): the inner loss is g(y_t), not the pair's mean g(y_t) + O(δ²)
             rel = 1e-6 if k == "inner_loss" else 1e-9
             assert tb.progress(cinfo)[k] == pytest.approx(v, rel=rel, abs=1e-12), k
+
+
+# ---------------------------------------------------------------- data parallel (2 gloo ranks, no sharding)
+def dp_figures(rank, world):
+    """Every family's figures on test_sharded's input-scale problem, each rank holding 1/N
+    of the batch (tb.distributed.data_parallel): the losses are means over ranks."""
+    from test_sharded import data, model, problems
+    net = model()
+    (X, t), (Xv, tv) = data()
+    tr, va = (X[rank::world], t[rank::world]), (Xv[rank::world], tv[rank::world])
+    prob = problems(net)[0]
+    if world > 1:
+        prob = tb.distributed.data_parallel(prob)
+    x, y = {"s": torch.zeros(6, dtype=DT)}, {k: p.detach() for k, p in net.named_parameters()}
+    kw = dict(lr_x=0.1, lr_y=0.2)
+    algos = {"fdehbo": tb.fdehbo(prob, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0, **kw),
+             "soba": tb.soba(prob, lr_v=0.2, **kw), "mrbo": tb.mrbo(prob, neumann_steps=2, **kw),
+             "f2sa": tb.f2sa(prob, lr_z=0.2, inner_steps=2, **kw), "bome": tb.bome(prob, inner_steps=2, **kw),
+             "amigo": tb.amigo(prob, lr_v=0.2, inner_steps=2, **kw), "ttsa": tb.ttsa(prob, neumann_steps=2, **kw),
+             "fsla": tb.fsla(prob, lr_v=0.2, **kw), "saba": tb.saba(prob, lr_v=0.2, n_inner=1, n_outer=1, **kw),
+             "double_loop stocbio": tb.double_loop(prob, tb.stocbio(2, 0.2), inner_steps=1, **kw)}
+    out = {}
+    for name, algo in algos.items():
+        s = algo.init(x, y)
+        b_in, b_out = ((0, tr), (0, va)) if name == "saba" else (tr, va)
+        for k in range(2):
+            s, info = algo.step(s, b_in, b_out, has_aux=True)
+            # (stocBiO's inner loss is its linearisation's forward: rank-local, documented)
+            keep = ("outer_loss", "hypergrad_norm") + (() if name.startswith("double_loop") else ("inner_loss",))
+            out[f"{name} {k}"] = {f: v for f, v in tb.progress(info).items() if f in keep}
+    return out
+
+
+def _dp_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.set_num_threads(1)
+        torch.save(dp_figures(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_runs_report_the_full_batch_figures(tmp_path):
+    import torch.distributed as dist
+    from spawning import spawn
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    reference = dp_figures(0, 1)
+    rdv, world = str(tmp_path / "rendezvous"), 2
+    results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    spawn(_dp_worker, (world, rdv, str(tmp_path)), world, results, rdv)
+    for r, path in enumerate(results):
+        res = torch.load(path, weights_only=False)
+        assert res.keys() == reference.keys()
+        for key, ref in reference.items():
+            assert res[key].keys() == ref.keys() and {"outer_loss", "hypergrad_norm"} <= set(ref), key
+            for f, v in ref.items():
+                assert res[key][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (key, f, r)
