@@ -272,17 +272,23 @@ def test_first_order_says_when_it_is_identically_zero():
 
 # ---- Gauss-Newton ------------------------------------------------------------------------
 
-def mlp_problem(seed=0, lam=0.1):
+def mlp_problem(seed=0, lam=0.1, weighted=False):
+    """A tanh MLP with every weight inner; x scales the inputs and (``weighted``) weights each
+    example's loss (data reweighting: the loss depends on x directly)."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(12, 4, generator=gen, dtype=DT)
     t = torch.randint(0, 3, (12,), generator=gen)
     x = {"s": torch.randn(4, generator=gen, dtype=DT)}
+    if weighted:
+        x["w"] = torch.randn(12, generator=gen, dtype=DT)
     y = {"W1": torch.randn(4, 5, generator=gen, dtype=DT) / 2, "W2": torch.randn(5, 3, generator=gen, dtype=DT) / 2}
 
     def outputs(x, y, b):
         return torch.tanh((X * x["s"]) @ y["W1"]) @ y["W2"]
 
-    def loss(out, b):
+    def loss(out, x, b):
+        if weighted:
+            return (torch.sigmoid(x["w"]) * torch.nn.functional.cross_entropy(out, t, reduction="none")).mean()
         return torch.nn.functional.cross_entropy(out, t)
 
     def reg(x, y, b):
@@ -307,7 +313,7 @@ def dense_gn(outputs, loss, reg, x, y):
         return out
     J = torch.autograd.functional.jacobian(lambda v: outputs(x, unflat(v), None).reshape(-1), flat_y)
     out = outputs(x, y, None)
-    HL = torch.autograd.functional.hessian(lambda o: loss(o.reshape(out.shape), None), out.reshape(-1))
+    HL = torch.autograd.functional.hessian(lambda o: loss(o.reshape(out.shape), x, None), out.reshape(-1))
     HR = torch.autograd.functional.hessian(lambda v: reg(x, unflat(v), None), flat_y)
     return J.T @ HL @ J + HR, flat_y, unflat
 
@@ -327,27 +333,29 @@ def test_gauss_newton_products_equal_the_dense_matrix(mode):
     assert torch.linalg.eigvalsh(G).min() > 0             # PSD + ridge: definite
 
 
-def test_aid_gauss_newton_equals_the_dense_gauss_newton_hypergradient():
-    outputs, loss, reg, f, x, y = mlp_problem(seed=2)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_aid_gauss_newton_equals_the_dense_gauss_newton_hypergradient(weighted):
+    outputs, loss, reg, f, x, y = mlp_problem(seed=2, weighted=weighted)
     g = tb.OutputLoss(outputs, loss, reg)
     p = tb.Bilevel(outer=f, inner=g)
     G, flat_y, unflat = dense_gn(outputs, loss, reg, x, y)
     fy = torch.cat([t.reshape(-1) for t in torch.func.grad(f, argnums=1)(x, y, None).values()])
-    fx = torch.func.grad(f, argnums=0)(x, y, None)["s"]
+    fx = torch.func.grad(f, argnums=0)(x, y, None)
     v = torch.linalg.solve(G, fy)
-    ref = fx - tb.derivatives.mixed(g, x, y, unflat(v), None)["s"]
+    mixed = tb.derivatives.mixed(g, x, y, unflat(v), None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dx, aux = tb.hypergrad(p, tb.aid(tb.cg(flat_y.numel() * 3), curvature="gauss_newton"), has_aux=True)(
             x, y, None, None)
-    torch.testing.assert_close(dx["s"], ref, rtol=1e-8, atol=1e-10)
+    for k in x:
+        torch.testing.assert_close(dx[k], fx[k] - mixed[k], rtol=1e-8, atol=1e-10)
     assert int(aux.solve.nonpositive_curvature) == 0
 
 
 def test_gauss_newton_needs_the_declared_split_before_any_work():
     outputs, loss, reg, f, x, y = mlp_problem()
     calls = []
-    g = lambda x, y, b: calls.append(1) or loss(outputs(x, y, b), b) + reg(x, y, b)
+    g = lambda x, y, b: calls.append(1) or loss(outputs(x, y, b), x, b) + reg(x, y, b)
     with pytest.raises(ValueError, match="curvature='gauss_newton'.*OutputLoss"):
         tb.hypergrad(tb.Bilevel(outer=f, inner=g), tb.aid(tb.cg(5), curvature="gauss_newton"))
     with pytest.raises(ValueError, match="OutputLoss"):
@@ -358,6 +366,41 @@ def test_gauss_newton_needs_the_declared_split_before_any_work():
 def test_output_loss_is_an_ordinary_objective():
     outputs, loss, reg, f, x, y = mlp_problem()
     g = tb.OutputLoss(outputs, loss, reg)
-    assert torch.equal(g(x, y, None), loss(outputs(x, y, None), None) + reg(x, y, None))
+    assert torch.equal(g(x, y, None), loss(outputs(x, y, None), x, None) + reg(x, y, None))
     with pytest.raises(TypeError, match="outputs"):
         tb.OutputLoss(3, loss)
+
+
+def test_stocbio_reports_its_series_like_a_fixed_point_solve():
+    # one batch: the Neumann terms r_i = (I − ηA)^i b; the report's residual is ‖r_Q‖/‖b‖
+    p, x, y, A, B, c = quadratic_problem(torch.linspace(0.5, 2.0, 8))
+    Q, eta = 6, 0.3
+    _, aux = tb.hypergrad(p, tb.stocbio(Q, eta), has_aux=True)(x, y, None, None)
+    b = y["w"] - c
+    rQ = torch.linalg.matrix_power(torch.eye(8, dtype=DT) - eta * A, Q) @ b
+    assert abs(float(aux.solve.residual) - float(rQ.norm() / b.norm())) <= 1e-12
+    assert int(aux.solve.nonpositive_curvature) == 0 and int(aux.solve.iterations) == Q
+    p, x, y, *_ = quadratic_problem([-1.0] + [1.0] * 7)
+    with pytest.warns(RuntimeWarning, match="curvature"):
+        tb.hypergrad(p, tb.stocbio(Q, eta))(x, y, None, None)
+
+
+def test_nystrom_rank_above_dim_y_is_refused_by_hypergrad_before_evaluating_anything():
+    calls = []
+    p, x, y, *_ = quadratic_problem(torch.ones(4))
+    counted = tb.Bilevel(outer=lambda x, y, b: calls.append(1) or p.outer(x, y, b),
+                         inner=lambda x, y, b: calls.append(1) or p.inner(x, y, b))
+    with pytest.raises(ValueError, match="rank"):
+        tb.hypergrad(counted, tb.aid(tb.nystrom(5, 0.1)))(x, y, None, None)
+    assert calls == []
+
+
+def test_nystrom_warns_on_an_indefinite_sampled_block_but_not_on_its_low_rank_residual():
+    p, x, y, *_ = quadratic_problem(torch.linspace(0.5, 8.0, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, aux = tb.hypergrad(p, tb.aid(tb.nystrom(2, 1e-3)), has_aux=True)(x, y, None, None)
+    assert float(aux.solve.residual) > 1.0            # rank 2 of 8: a poor fit, by design
+    p, x, y, *_ = quadratic_problem([-3.0, -2.0, -1.0, -1.5] + [1.0] * 4)
+    with pytest.warns(RuntimeWarning, match="curvature"):
+        tb.hypergrad(p, tb.aid(tb.nystrom(8, 0.1)))(x, y, None, None)

@@ -15,8 +15,8 @@ from typing import Dict, Tuple
 from torch import Tensor
 
 from . import tree as T
-from .estimators import AID, FirstOrder
-from .solvers import IndefiniteSystemError
+from .estimators import FirstOrder
+from .solvers import IndefiniteSystemError, Nystrom
 
 __all__ = ["INDEFINITE", "ZERO_FIRST_ORDER", "flags", "act"]
 
@@ -54,9 +54,14 @@ _ZERO_TEXT = (
 def flags(dx, aux, estimator) -> Dict[str, Tensor]:
     """The checks that apply to this estimate, as 0-d tensors (non-zero = something to say)."""
     out = {}
-    if isinstance(estimator, AID) and aux.solve is not None:
+    if aux.solve is not None:                 # AID's solve, stocBiO's Neumann series
         info = aux.solve               # a code: 1·(non-positive curvature) + 2·(residual grew)
-        out[INDEFINITE] = (info.nonpositive_curvature > 0).double() + 2 * (info.residual > info.start_residual).double()
+        code = (info.nonpositive_curvature > 0).double()
+        if not isinstance(getattr(estimator, "solver", None), Nystrom):
+            # an iteration that ends worse than it started diverged; Nyström's residual
+            # measures how well rank k explains the system, not a divergence
+            code = code + 2 * (info.residual > info.start_residual).double()
+        out[INDEFINITE] = code
     if isinstance(estimator, FirstOrder):
         out[ZERO_FIRST_ORDER] = T.sqnorm(dx) == 0
     return out
@@ -68,7 +73,7 @@ def act(values: Dict[str, float], estimator, warned: Tuple[str, ...] = (), stack
     given = tuple(warned)
     if values.get(INDEFINITE):
         text = _solve_text(values[INDEFINITE])
-        if getattr(estimator.solver, "indefinite", "warn") == "raise":
+        if getattr(getattr(estimator, "solver", None), "indefinite", "warn") == "raise":
             raise IndefiniteSystemError(text)
         if INDEFINITE not in given:
             warnings.warn(text + "  indefinite='raise' in the solver config makes this an error.", RuntimeWarning,

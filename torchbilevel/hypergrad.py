@@ -121,6 +121,8 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
     def hypergradient(x: Mapping[str, Tensor], y: Mapping[str, Tensor], inner_batch, outer_batch,
                       v0: Optional[Mapping[str, Tensor]] = None):
         check_params(x, y)
+        if hasattr(estimator, "check_inputs"):
+            estimator.check_inputs(x, y)
         if S.is_sharded(x, y):
             if _twice(estimator):
                 S.refuse(_method_name(estimator), x, y)

@@ -1,6 +1,6 @@
 """An inner objective declared as a convex loss of a network's outputs plus a regulariser,
 
-    g(x, y; batch) = loss(outputs(x, y, batch), batch) + regularizer(x, y, batch),
+    g(x, y; batch) = loss(outputs(x, y, batch), x, batch) + regularizer(x, y, batch),
 
 so that the generalized Gauss-Newton matrix G = Jᵀ ∇²loss J + ∇yy regularizer (J the
 Jacobian of the outputs in y; Schraudolph 2002) can stand in for the indefinite ∇yy g of a
@@ -17,12 +17,13 @@ __all__ = ["OutputLoss"]
 
 
 class OutputLoss:
-    """The inner objective g as ``loss(outputs(x, y, batch), batch) + regularizer(x, y, batch)``.
+    """The inner objective g as ``loss(outputs(x, y, batch), x, batch) + regularizer(x, y, batch)``.
 
     Args:
         outputs: ``(x, y, batch) -> Tensor``, e.g. the logits of ``tb.nn.call(model, x, y, X)``.
-        loss: ``(outputs, batch) -> scalar``, convex in the outputs (cross-entropy, squared
-            error, logistic loss); it must not depend on x or y except through the outputs.
+        loss: ``(outputs, x, batch) -> scalar``, convex in the outputs (cross-entropy, squared
+            error, logistic loss); it may depend on x directly (per-example weights of data
+            reweighting), on y only through the outputs.
         regularizer: ``(x, y, batch) -> scalar`` or None (e.g. ``λ/2‖y‖²``, iMAML's
             ``λ/2‖y − x‖²``); its Hessian in y is used exactly.
 
@@ -42,7 +43,7 @@ class OutputLoss:
 
     def value(self, out: Tensor, x, y, batch) -> Tensor:
         """g from outputs already computed (one forward of the network shared)."""
-        val = self.loss(out, batch)
+        val = self.loss(out, x, batch)
         return val if self.regularizer is None else val + self.regularizer(x, y, batch)
 
     def __call__(self, x, y, batch) -> Tensor:

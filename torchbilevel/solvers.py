@@ -43,7 +43,9 @@ class SolveInfo(NamedTuple):
 
     iterations: iterations that updated v (CG stops counting at a truncation).
     residual: ‖b − A v‖ / ‖b‖ at the returned v (A includes the damping; CG and fixed
-        point track it by their recurrences at no extra product; Nyström spends one).
+        point track it by their recurrences at no extra product; Nyström spends one, and
+        its residual says how well rank k explains the system: large for a low rank,
+        which is no failure of that method).
     start_residual: the same at the starting point (1 for v0 = 0).
     nonpositive_curvature: iterations whose search direction p had pᵀAp ≤ 0 (CG: the
         direction; fixed point: the residual r, rᵀAr ≤ 0; Nyström: non-positive
@@ -100,7 +102,9 @@ class FixedPoint(NamedTuple):
 
     Converges when A + damping·I is positive definite and 0 < lr < 2 / λ_max; ``lr = 1/L``
     for an L-smooth inner problem.  ``indefinite="truncate"`` stops at the first residual
-    r with rᵀAr ≤ 0 (the direction along which the iteration grows).
+    r with rᵀAr ≤ 0 (the direction along which the iteration grows).  The iteration runs on
+    the residual (r ← r − lr·A r, v ← v + lr·r), so the report's residual is the returned
+    v's at no extra product; a warm start v0 costs one product (A v0) more than a cold one.
     """
     steps: int
     lr: float
@@ -188,8 +192,9 @@ def _damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda v: T.axpy(damping, v, matvec(v))        # (A + λI) v
 
 
-def _select(keep: Tensor, new: T.Tree, old: T.Tree) -> T.Tree:
-    return {k: torch.where(keep, old[k], new[k]) for k in new}
+def _select(keep: Optional[Tensor], new: T.Tree, old: T.Tree) -> T.Tree:
+    # keep=None (no truncation possible): the new value, no elementwise select
+    return new if keep is None else {k: torch.where(keep, old[k], new[k]) for k in new}
 
 
 def _tiny(b: T.Tree) -> float:
@@ -229,8 +234,8 @@ def solve(solver, matvec: MatVec, b: Mapping[str, Tensor], v0: Optional[Mapping[
             Ar = A(r)
             neg = (T.dot(r, Ar) <= 0) & (rr > tiny)            # rᵀAr ≤ 0: the iteration grows along r
             stop = stopped | (neg & truncate)
-            v = _select(stop, T.axpy(solver.lr, r, v), v)
-            r = _select(stop, T.axpy(-solver.lr, Ar, r), r)
+            v = _select(stop if truncate else None, T.axpy(solver.lr, r, v), v)
+            r = _select(stop if truncate else None, T.axpy(-solver.lr, Ar, r), r)
             bad, its = bad + (neg & ~stopped).to(bad.dtype), its + (~stop).to(its.dtype)
             stopped, rr = stop, T.sqnorm(r)
     else:
@@ -244,12 +249,14 @@ def solve(solver, matvec: MatVec, b: Mapping[str, Tensor], v0: Optional[Mapping[
             pAp = T.dot(p, Ap)
             neg = (pAp <= 0) & (rr > tiny)                    # non-positive curvature along p
             stop = stopped | (neg & truncate)                 # truncated CG keeps the iterate reached
-            alpha = torch.where(stop, torch.zeros_like(rr), _safe_div(rr, pAp))   # α = rᵀr / pᵀAp
+            alpha = _safe_div(rr, pAp)                        # α = rᵀr / pᵀAp
+            if truncate:
+                alpha = torch.where(stop, torch.zeros_like(rr), alpha)
             v = T.axpy(alpha, p, v)                           # v ← v + α p
             r = T.axpy(-alpha, Ap, r)                         # r ← r − α A p
             rr_new = T.sqnorm(r)
             beta = _safe_div(rr_new, rr)                      # β = r'ᵀr' / rᵀr
-            p = _select(stop, T.axpy(beta, p, r), p)          # p ← r' + β p
+            p = _select(stop if truncate else None, T.axpy(beta, p, r), p)   # p ← r' + β p
             bad, its = bad + (neg & ~stopped).to(bad.dtype), its + (~stop).to(its.dtype)
             stopped, rr = stop, rr_new
     rel = lambda sq: _safe_div(sq, bb).sqrt()

@@ -1,5 +1,5 @@
 """Generalized Gauss-Newton products for an inner objective declared as
-:class:`torchbilevel.OutputLoss` (g = loss(outputs) + regularizer):
+:class:`torchbilevel.OutputLoss` (g = loss(outputs, x) + regularizer):
 
     G v = Jᵀ ∇²loss (J v) + ∇yy regularizer · v        (Schraudolph 2002, eq. (7); J = ∂outputs/∂y)
 
@@ -36,10 +36,10 @@ def _autograd_gn(inner, x, y, batch) -> Linearization:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"OutputLoss: outputs(x, y, batch) must return one Tensor, got {type(out).__name__}")
         od = out.detach().requires_grad_(True)
-        lval_d = inner.loss(od, batch)
+        lval_d = inner.loss(od, {k: t.detach() for k, t in xr.items()}, batch)
         lg = torch.autograd.grad(lval_d, od, create_graph=True)[0]          # ∇loss in output space
         r = reg(xr, yr, batch) if reg is not None else None
-        val = inner.loss(out, batch) + (r if r is not None else 0.0)
+        val = inner.loss(out, xr, batch) + (r if r is not None else 0.0)
         gys = _zeros_for_none(torch.autograd.grad(val, ys, create_graph=True, allow_unused=True), ys)
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, ys, u, create_graph=True, allow_unused=True)   # Jᵀu, linear in u
@@ -84,7 +84,7 @@ def _func_gn(inner, x, y, batch) -> Linearization:
     # torch.func mechanism (inside vmap/grad): the same products from vjps of one forward
     out, pull = vjp(lambda yy: inner.outputs(x, yy, batch), y)
     _, jpull = vjp(lambda uu: pull(uu)[0], torch.zeros_like(out))              # u ↦ Jᵀu; its vjp is J
-    _, lpull = vjp(grad(lambda o: inner.loss(o, batch)), out)                   # ∇²loss in output space
+    _, lpull = vjp(grad(lambda o: inner.loss(o, x, batch)), out)                   # ∇²loss in output space
     reg = inner.regularizer
     rpull = vjp(lambda yy: grad(reg, argnums=1)(x, yy, batch), y)[1] if reg is not None else None
     gy, xpull = vjp(lambda xx: grad(inner, argnums=1)(xx, y, batch), x)

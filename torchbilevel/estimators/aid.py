@@ -36,6 +36,14 @@ class AID(NamedTuple):
                 raise ValueError("curvature='gauss_newton' with declared features is not supported: declare "
                                  "the outputs as a function of (x, y, batch) instead (features=None)")
 
+    def check_inputs(self, x, y) -> None:
+        """ValueError before any work when the inputs do not fit this config (Nyström's rank)."""
+        dim = sum(t.numel() for t in y.values())
+        rank = getattr(self.solver, "rank", None)
+        if rank is not None and rank > dim:
+            raise ValueError(f"tb.nystrom(rank={rank}): rank must be <= dim y = {dim} (the number of inner "
+                             "parameters)")
+
     def estimate(self, problem, x, y, inner_batch, outer_batch, v0=None):
         """(hypergradient dict shaped like x, HypergradAux) at (x, y); ``tb.hypergrad`` calls this."""
         ob, ib = draw(outer_batch, "outer_batch"), draw(inner_batch, "inner_batch")

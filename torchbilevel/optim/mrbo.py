@@ -101,7 +101,9 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
     are dicts.  ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo`
     ``)``: ``inner_loss`` g(x_t, y_t; ζ) (the y gradient's evaluation), ``outer_loss``
     f(x_t, y_t; D_F) (the stocBiO estimate's), ``hypergrad_norm`` ‖h^x_t‖ (the momentum
-    direction x moves along); data parallel: means over ranks.
+    direction x moves along), ``solve`` the stocBiO estimate's report at z_t (its Neumann
+    series as a fixed-point solve, see :func:`torchbilevel.stocbio`); data parallel: means
+    over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -138,12 +140,12 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
             G.record(_INNER, gy)
             dx, aux = est.estimate(problem, lx.unravel(xf), ly.unravel(yf),
                                    iter(samples) if fresh else inner_batch, d_f)   # ∇̄f(z; S)
-            return gy, T.ravel_like(lx, dx), g_val, aux.outer_loss
+            return gy, T.ravel_like(lx, dx), g_val, aux
 
         with G.tracing(check_finite) as trace:
             # one sample = one batch and one random stream at both points
             rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(*p, i == 0) for i, p in enumerate(points)])
-        gys, dxs, g_vals, f_vals = (list(c) for c in zip(*rows))
+        gys, dxs, g_vals, auxes = (list(c) for c in zip(*rows))
         if first:
             gys, dxs = gys * 2, dxs * 2                                   # prev = cur: plain gradients
         *gys, g_val = problem.average(*gys, g_vals[0])                    # one all-reduce (estimates: averaged)
@@ -160,7 +162,8 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
                        "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, h_x=s.h_x, h_y=s.h_y)
         return reply(MRBOState(x_new, y_new, h_x, h_y, s.xf, s.yf, t + 1, lx, ly), has_aux,
-                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_vals[0], hypergrad_norm=norm(h_x)))
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=auxes[0].outer_loss, hypergrad_norm=norm(h_x),
+                                      solve=auxes[0].solve))
 
     state_dict, load_state_dict = checkpoint(MRBOState, name)
     return Algorithm(init, guarded(MRBOState, body, problem), state_dict, load_state_dict, name)

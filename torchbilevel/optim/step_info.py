@@ -32,10 +32,11 @@ class StepInfo(NamedTuple):
         direction), and in ``tb.double_loop`` the estimator's hypergradient *before* the
         outer rule (SGD or Adam).
     solve: the linear solve's :class:`torchbilevel.solvers.SolveInfo`: the double loop with
-        ``tb.aid``; for the methods that take gradient steps on the linear system
-        (FdeHBO, FMBO, SOBA, MA-SOBA, SABA, SRBA, FSLA, AmIGO) the report of those steps
-        (:func:`sgd_solve`); None where no linear system is solved (F2SA, BOME) or a
-        Neumann series replaces it (MRBO, VRBO, TTSA).
+        ``tb.aid`` or ``tb.stocbio`` (its Neumann series), MRBO and VRBO (their stocBiO
+        estimate's); for the methods that take gradient steps on the linear system (FdeHBO,
+        FMBO, SOBA, MA-SOBA, SABA, SRBA, FSLA, AmIGO) the report of those steps
+        (:func:`sgd_solve`); None where no linear system is solved (F2SA, BOME, ITD, PZOBO,
+        first order) and for TTSA (its randomly truncated series).
     delta: FdeHBO's finite-difference step δ_t at the current iterate.
     projected: whether the projection of v on the ball of radius r bound at this step
         (‖w_{t+1}‖ > r; FdeHBO, FMBO, and MA-SOBA with a finite radius), a 0-d bool.

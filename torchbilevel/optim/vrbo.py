@@ -93,8 +93,9 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
     (+ large_batches·(Q + 3) at a restart).  Returns an :class:`torchbilevel.Algorithm`.
     ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``:
     ``inner_loss`` g(x_{t+1}, y_{t,m}; ζ) and ``outer_loss`` f(x_{t+1}, y_{t,m}; D_F) at
-    the last inner step's new point on its sample (the stocBiO estimate's f), and
-    ``hypergrad_norm`` ‖w‖ for the estimate x moved along; data parallel: means over ranks.
+    the last inner step's new point on its sample (the stocBiO estimate's f), with
+    ``solve`` that estimate's report (its Neumann series, see :func:`torchbilevel.stocbio`),
+    and ``hypergrad_norm`` ‖w‖ for the estimate x moved along; data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -130,7 +131,7 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
             G.record(_INNER, gy)
             dx, aux = est.estimate(problem, lx.unravel(xf), ly.unravel(yf),
                                    iter(rest) if fresh else inner_batch, d_f)      # ∇̄f(z; S)
-            return gy, T.ravel_like(lx, dx), g_val, aux.outer_loss
+            return gy, T.ravel_like(lx, dx), g_val, aux
 
         with G.tracing(check_finite) as trace, second_order(name):
             if t % period == 0:                                                # restart on S_1
@@ -147,7 +148,7 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
             for _ in range(inner_steps):
                 smp = sample()
                 # one sample = one batch and one random stream at both points
-                (g1, w1, g_val, f_val), (g0, w0, _, _) = R.replaying(
+                (g1, w1, g_val, aux), (g0, w0, _, _) = R.replaying(
                     R.capture(s.xf), [lambda: at(x_new, y, smp, True), lambda: at(ax, ay, smp, False)])
                 g1, g0, g_val = problem.average(g1, g0, g_val)
                 u, w = u + (g1 - g0), w + (w1 - w0)
@@ -157,7 +158,8 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
             check_step(name, t, (x_new, y, w), trace, "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, u=s.u, w=s.w)
         return reply(VRBOState(x_new, y, u.to(s.yf.dtype), w.to(s.xf.dtype), ax, ay, t + 1, lx, ly), has_aux,
-                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(w_x)))
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=aux.outer_loss, hypergrad_norm=norm(w_x),
+                                      solve=aux.solve))
 
     state_dict, load_state_dict = checkpoint(VRBOState, name)
     return Algorithm(init, guarded(VRBOState, body, problem), state_dict, load_state_dict, name)
