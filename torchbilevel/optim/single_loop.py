@@ -291,6 +291,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
         rows_y, rows_x = stack_rows(ev)
+        # the linear system's report at v_t, read before the update (which may reuse v_t's buffer)
+        solve = one_step_solve(s.vf, ev.gy_prod[0], ev.fy[0], s.layout_y) if has_aux else None
         # "The first step, with no previous iterate, uses the plain stochastic gradients":
         # η = 1 zeroes the momentum bracket (prev rows equal cur rows there).
         e = (lambda sch, nm: 1.0) if first else (lambda sch, nm: value_at(sch, t, nm, unit=True))
@@ -328,7 +330,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             delta=torch.as_tensor(d_cur, dtype=torch.float64 if s.yf.dtype == torch.float64 else torch.float32,
                                   device=s.yf.device) if fd else None,
             projected=w_sq > radius * radius, v_norm=w_sq.sqrt(),
-            solve=one_step_solve(s.vf, ev.gy_prod[0], ev.fy[0], s.layout_y)))
+            solve=solve))
 
     state_dict, load_state_dict = checkpoint(name)
 
