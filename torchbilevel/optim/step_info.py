@@ -9,10 +9,13 @@ nothing on the host.  A field is None where the method did not compute that figu
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..solvers import SolveInfo
 
 __all__ = ["StepInfo", "progress", "reply", "norm", "tree_norm", "sgd_solve", "nonpositive", "one_step_solve"]
 
@@ -22,9 +25,10 @@ class StepInfo(NamedTuple):
 
     inner_loss: g at a point the step evaluated anyway, on that evaluation's sample — for
         most methods g(x_t, y_t; ζ_t) from the y update's gradient at the current iterate
-        (each algorithm's docstring says which point).  A data-parallel problem
-        (``tb.distributed.data_parallel``) reports the mean over ranks where the method
-        already averages a buffer at that point, else this rank's value (the docstrings say).
+        (each algorithm's docstring says which point).  With a data-parallel problem
+        (``tb.distributed.data_parallel``) the losses are means over ranks (they join an
+        all-reduce the step makes anyway), except the double loop's inner loss from
+        stocBiO's linearisation (this rank's value); sharded runs report the global value.
     outer_loss: f at a point the step evaluated anyway (as inner_loss).
     hypergrad_norm: ‖d‖ for the direction d the outer iterate moved along,
         x_{t+1} = x_t − α_t d: the method's hypergradient estimate *after* its own
@@ -39,7 +43,8 @@ class StepInfo(NamedTuple):
         first order) and for TTSA (its randomly truncated series).
     delta: FdeHBO's finite-difference step δ_t at the current iterate.
     projected: whether the projection of v on the ball of radius r bound at this step
-        (‖w_{t+1}‖ > r; FdeHBO, FMBO, and MA-SOBA with a finite radius), a 0-d bool.
+        (‖w_{t+1}‖ > r), a 0-d bool: FdeHBO, FMBO, MA-SOBA (False with radius=inf, and
+        always for SOBA, which has no projection); None for the other methods.
     v_norm: ‖w_{t+1}‖, the norm of the new linear-system iterate before its projection
         (the single-loop engine: FdeHBO, FMBO, SOBA, MA-SOBA), the figure to compare with
         the radius.
@@ -49,7 +54,7 @@ class StepInfo(NamedTuple):
     inner_loss: Optional[Tensor] = None
     outer_loss: Optional[Tensor] = None
     hypergrad_norm: Optional[Tensor] = None
-    solve: Optional[NamedTuple] = None
+    solve: Optional["SolveInfo"] = None
     delta: Optional[Tensor] = None
     projected: Optional[Tensor] = None
     v_norm: Optional[Tensor] = None
