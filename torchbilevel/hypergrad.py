@@ -72,7 +72,7 @@ def read_checks(dx, aux: HypergradAux, estimator, check_finite: bool, check_solv
 
 
 def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True,
-              check_solve: bool = True) -> Callable:
+              check_solve: Optional[bool] = None) -> Callable:
     """Return a function computing the hypergradient ∇Φ(x) with ``estimator``.
 
     Like ``torch.func.grad``, this is a transform::
@@ -99,6 +99,8 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
             ``tb.first_order()`` result that is exactly zero (f does not depend on x) gives
             a ``RuntimeWarning``.  The message is fixed, so Python shows it once per call
             site; ``aux.solve`` carries the figures either way (as tensors under vmap).
+            Default (None): as ``check_finite``, so ``check_finite=False`` keeps the call
+            free of host reads.
 
     The returned function takes ``(x, y, inner_batch, outer_batch, v0=None)``: x and y are
     dicts of tensors (never modified), the batches are passed to g and f (an iterator is
@@ -115,6 +117,7 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
     check_problem(problem)
     if not is_estimator(estimator):
         raise TypeError(f"estimator must be {ESTIMATOR_NAMES}, got {type(estimator).__name__}")
+    check_solve = check_finite if check_solve is None else bool(check_solve)
     if hasattr(estimator, "check"):
         estimator.check(problem)          # what the config needs of the problem, before any work
 

@@ -49,7 +49,7 @@ class DoubleLoopState(NamedTuple):
 
 def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
                 outer: str = "sgd", betas=(0.9, 0.999), eps: float = 1e-8,
-                warm_start_v: bool = True, check_finite: bool = True, check_solve: bool = True) -> Algorithm:
+                warm_start_v: bool = True, check_finite: bool = True, check_solve: Optional[bool] = None) -> Algorithm:
     """AID-BiO, ITD-BiO, stocBiO and PZOBO(-S) as a double loop with warm starts.
 
     Papers: Ji, Yang, Liang, ICML 2021, Alg. 1 (AID-BiO, ITD-BiO) and Alg. 2 (stocBiO);
@@ -79,6 +79,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
             when an AID solve met non-positive curvature or ended worse than it started
             (``IndefiniteSystemError`` with ``indefinite="raise"``, the state untouched), and
             when ``tb.first_order()`` is identically zero; the run's ``state.warned`` records it.
+            Default (None): as ``check_finite`` (``False`` keeps the step free of host reads).
 
     ``state, info = algo.step(state, inner_batch, outer_batch, has_aux=True)`` also returns
     a :class:`torchbilevel.StepInfo` from the estimate (no extra evaluation): ``outer_loss``
@@ -103,6 +104,7 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
     if outer not in OUTER_RULES:
         raise ValueError(f"outer must be one of {OUTER_RULES}, got {outer!r}")
     check_positive(eps, "eps")
+    check_solve = check_finite if check_solve is None else bool(check_solve)
     hg = hypergrad(problem, estimator, has_aux=True, check_finite=False, check_solve=False)
     generator = getattr(estimator, "generator", None)
 
