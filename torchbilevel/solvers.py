@@ -130,6 +130,7 @@ class Nystrom(NamedTuple):
 
     @property
     def steps(self) -> int:
+        """Hessian-vector products the solve's approximation costs (= rank), as for CG."""
         return self.rank
 
 

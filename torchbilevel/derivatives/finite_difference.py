@@ -64,7 +64,7 @@ class FDProducts(NamedTuple):
 
 
 def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, wrt=(0, 1),
-                with_grad_y: bool = False) -> FDProducts:
+                with_grad_y: bool = False, exact_zero: bool = True) -> FDProducts:
     """Finite-difference ∇yy g·v and ∇xy g·v from the same two evaluations of g.
 
     H̃ = (∇y g(x, y+δv) − ∇y g(x, y−δv)) / 2δ   (FdeHBO paper eq. (9))
@@ -99,11 +99,17 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
     FD products are accurate when g is smooth along the segment y ± δv (a linear or
     softmax head, ridge/logistic losses).  Across ReLU kinks or max-pooling switches the
     error is O(1), not O(δ²): use exact products (FMBO, AID) for such inner variables.
+
+    exact_zero: a zero direction v gives exactly zero products (the two rows of the vmapped
+        pair may round differently on some CPUs, ~1e-27 instead of 0; a 0-d mask, no host
+        read).  Pass False when v is one rank's shard of a sharded vector: a zero shard does
+        not make the products zero (the sharded FdeHBO step does).
     """
     if isinstance(y, Tensor):        # flat buffers: wrap in one-entry dicts and unwrap at the end
         tx = isinstance(x, Tensor)
         g_d = lambda xx, yy, b: g(xx["_"] if tx else xx, yy["_"], b)
-        r = fd_products(g_d, {"_": x} if tx else x, {"_": y}, {"_": v}, batch, delta, batched, wrt, with_grad_y)
+        r = fd_products(g_d, {"_": x} if tx else x, {"_": y}, {"_": v}, batch, delta, batched, wrt, with_grad_y,
+                        exact_zero)
         unx = (lambda t: t["_"]) if tx else (lambda t: t)
         return FDProducts(None if r.hvp is None else r.hvp["_"], None if r.mixed is None else unx(r.mixed),
                           r.delta, r.batched, None if r.grad_y is None else r.grad_y["_"], r.value)
@@ -165,8 +171,10 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
     # A zero direction gives exactly zero products: the two rows of the vmapped pair may
     # round differently on some CPUs (~1e-27 instead of 0), so mask them; a 0-d bool, no
     # host read (composes with vmap and torch.compile).
-    live = T.sqnorm(v) != 0
-    out = {i: {k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for i, tr in zip(wrt, grads_)}
+    if exact_zero:
+        live = T.sqnorm(v) != 0
+        grads_ = [{k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for tr in grads_]
+    out = dict(zip(wrt, grads_))
     return FDProducts(out.get(1), out.get(0), d_t, bool(ran), *(mean if mean is not None else (None, None)))
 
 

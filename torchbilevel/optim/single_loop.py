@@ -208,14 +208,15 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
                 both = xi_g is psi_g
                 pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=pair_mode[0],
-                                 wrt=(0, 1) if both else (1,), with_grad_y=pair_gy)
+                                 wrt=(0, 1) if both else (1,), with_grad_y=pair_gy,
+                                 exact_zero=ly.shards is None)   # a zero local shard ≠ a zero v
                 if pair_gy:
                     gy, g_val = pr.grad_y, pr.value
                 if pr.batched is False:
                     pair_mode[0] = False       # a vmap fallback is remembered for the run
                 hv_i = pr.hvp
                 jv_i = pr.mixed if both else fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=pair_mode[0],
-                                                         wrt=(0,)).mixed
+                                                         wrt=(0,), exact_zero=ly.shards is None).mixed
             else:
                 jv_i, hv_i = exact_products(g, xf, yf, vf, psi_g)                  # one backward
                 if xi_g is not psi_g:
