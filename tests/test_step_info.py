@@ -283,7 +283,7 @@ def test_double_loop_reports_the_estimate_s_losses_norm_and_solve(est, outer):
 
 # ---------------------------------------------------------------- sharded models (FSDP2, 2 gloo ranks)
 def sharded_figures(net, rank, world):
-    """The figures of the gradient-only methods on the body/head split, 3 steps each."""
+    """The figures of the gradient-only methods, 3 steps each (FdeHBO on both splits)."""
     from test_sharded import data, problems
     (X, t), (Xv, tv) = data()
     tr, va = (X[rank::world], t[rank::world]), (Xv[rank::world], tv[rank::world])
@@ -292,9 +292,7 @@ def sharded_figures(net, rank, world):
         scaled, body = tb.distributed.data_parallel(scaled), tb.distributed.data_parallel(body)
     x_b, y_h = tb.nn.split(net, inner=["2"])
     out = {}
-    # FdeHBO on x = an input scale, y = every weight (on the body/head split a rank whose shard
-    # of the 1-row head is empty zeroes its finite-difference products: tests/test_sharded.py
-    # fails there on main too)
+    # FdeHBO on x = an input scale (replicated), y = every weight
     algo = tb.fdehbo(scaled, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0)
     s = algo.init({"s": torch.zeros(6, dtype=DT)}, {k: p.detach() for k, p in net.named_parameters()})
     for k in range(3):
@@ -302,7 +300,9 @@ def sharded_figures(net, rank, world):
         out[f"fdehbo {k}"] = {f: getattr(info, f).detach().clone() for f in ("inner_loss", "outer_loss",
                                                                              "hypergrad_norm", "delta", "v_norm")}
         out[f"fdehbo {k}"]["solve_residual"] = info.solve.residual.detach().clone()
-    for name, algo in (
+    # x = the body, y = the head (a rank's shard of the 1-row head is empty)
+    for name, algo in (("fdehbo body/head", tb.fdehbo(body, lr_x=0.1, lr_y=0.2, lr_v=0.2, eta_x=0.5, eta_y=0.5,
+                                                      eta_v=0.5, radius=5.0)),
                        ("f2sa", tb.f2sa(body, lr_x=0.1, lr_y=0.2, lr_z=0.2)),
                        ("bome", tb.bome(body, lr_x=0.1, lr_y=0.2, inner_steps=3)),
                        ("first_order", tb.double_loop(body, tb.first_order(), lr_x=0.1, inner_steps=2, lr_y=0.2))):
