@@ -12,6 +12,7 @@ from .optim import schedule as schedules
 from .optim import BOMEState, F2SAState, MRBOState, bome, f2sa, ma_soba, mrbo, soba
 from .optim import AmIGOState, FSLAState, SABAState, SRBAState, TTSAState, amigo, fsla, saba, srba, ttsa
 from .optim import VRBOState, vrbo
+from .optim import StepInfo, progress
 from .output_loss import OutputLoss
 from .problem import Bilevel
 from .solvers import IndefiniteSystemError, SolveInfo, cg, fixed_point, nystrom
@@ -26,4 +27,4 @@ __all__ = ["Bilevel", "OutputLoss", "cg", "fixed_point", "nystrom", "SolveInfo",
            "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState",
            "saba", "SABAState", "srba", "SRBAState", "amigo", "AmIGOState", "fsla", "FSLAState",
            "ttsa", "TTSAState", "vrbo", "VRBOState",
-           "over_tasks"]
+           "over_tasks", "StepInfo", "progress"]

@@ -60,6 +60,7 @@ class FDProducts(NamedTuple):
     delta: Tensor
     batched: Optional[bool] = None   # the pair mode that ran (True: one vmap; False: two evaluations)
     grad_y: Optional[T.Tree] = None  # with_grad_y: (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²)
+    value: Optional[Tensor] = None   # with_grad_y: (g(y+δv) + g(y−δv))/2 = g(y) + O(δ²), evaluated anyway
 
 
 def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, wrt=(0, 1),
@@ -92,7 +93,8 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
             up to O(δ²‖v‖²) (exact for g quadratic in y), from the same two evaluations
             and a second backward through the y-dependent part only: no separate forward
             of g at y (FdeHBO uses it when its y update and its products share a sample).
-            Outside torch.func transforms only (None inside them).
+            Outside torch.func transforms only (None inside them).  ``value`` is then
+            (g(y+δv) + g(y−δv))/2 (a 0-d tensor in float32, float64 for float64 y).
 
     FD products are accurate when g is smooth along the segment y ± δv (a linear or
     softmax head, ridge/logistic losses).  Across ReLU kinks or max-pooling switches the
@@ -110,7 +112,7 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
                         exact_zero)
         unx = (lambda t: t["_"]) if tx else (lambda t: t)
         return FDProducts(None if r.hvp is None else r.hvp["_"], None if r.mixed is None else unx(r.mixed),
-                          r.delta, r.batched, None if r.grad_y is None else r.grad_y["_"])
+                          r.delta, r.batched, None if r.grad_y is None else r.grad_y["_"], r.value)
     d = fd_delta(y, v) if delta is None else delta
     any_y = next(iter(y.values()))
     dt = any_y.dtype
@@ -173,14 +175,14 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         live = T.sqnorm(v) != 0
         grads_ = [{k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for tr in grads_]
     out = dict(zip(wrt, grads_))
-    return FDProducts(out.get(1), out.get(0), d_t, bool(ran), mean)
+    return FDProducts(out.get(1), out.get(0), d_t, bool(ran), *(mean if mean is not None else (None, None)))
 
 
 def _pair_and_mean(g, x, y, shifted, batch, wrt, scale, work):
     """Two evaluations on separate leaves — (x₊, y+δv) and (x₋, y−δv), one random stream —
     and ONE backward of g₊ + g₋: each point's own gradients, from which the differences
-    (the products) and the mean of the y-gradients.  Each branch is traversed once, as in
-    the backward of D alone."""
+    (the products) and the mean of the y-gradients (with the mean of the two values).  Each
+    branch is traversed once, as in the backward of D alone."""
     legs = []
     for s in (1.0, -1.0):
         xs = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
@@ -200,11 +202,11 @@ def _pair_and_mean(g, x, y, shifted, batch, wrt, scale, work):
     out = {0: dict(zip(x, diff[:nx])), 1: dict(zip(y, diff[nx:]))}
     mean = {k: ((a.to(work) + b.to(work)) * 0.5).to(a.dtype) for k, a, b in zip(y, plus_g[nx:], minus_g[nx:])}
     D = (plus.detach().to(work) - minus.detach().to(work)) * scale
-    return D, tuple(out[i] for i in wrt), mean
+    return D, tuple(out[i] for i in wrt), (mean, (plus.detach().to(work) + minus.detach().to(work)) * 0.5)
 
 
 def _difference_and_mean(values, x, y, batch, wrt, scale):
-    """(D, grads of D = (g₊ − g₋)·scale w.r.t. ``wrt``, ∇y of M = (g₊ + g₋)/2) from one
+    """(D, grads of D = (g₊ − g₋)·scale w.r.t. ``wrt``, (∇y M, M) for M = (g₊ + g₋)/2) from one
     evaluation of the pair: two backward passes through one graph, the second restricted
     to y (the x-only part of g — a network body — is not traversed again)."""
     xr = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
@@ -223,7 +225,7 @@ def _difference_and_mean(values, x, y, batch, wrt, scale):
         out.append({k: zero(gi, t) for k, gi, t in zip(keys, gD[pos:pos + len(ts)], ts)})
         pos += len(ts)
     mean = {k: zero(gi, t).to(t.dtype) for (k, t), gi in zip(yr.items(), gM)}
-    return D.detach(), tuple(out), mean
+    return D.detach(), tuple(out), (mean, ((plus + minus) * 0.5).detach())
 
 
 #: vmap the ± pair when its forward costs less than this many plain forwards of g.  CPU,

@@ -18,11 +18,14 @@ class HypergradAux(NamedTuple):
     outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
     solve: what the linear solve did (:class:`torchbilevel.solvers.SolveInfo`: iterations,
        relative residual, iterations that met non-positive curvature) for AID, else None.
+    inner_loss: g(x, y; batch) where the estimate evaluated it anyway (0-d tensor; stocBiO:
+       at the given y on its first inner sample), else None.
     """
     y: T.Tree
     v: Optional[T.Tree]
     outer_loss: Tensor
     solve: Optional[SolveInfo] = None
+    inner_loss: Optional[Tensor] = None
 
 
 def outer_grads(problem, x, y, batch):

@@ -30,13 +30,17 @@ class StocBiO(NamedTuple):
         fx, fy, fval = outer_grads(problem, x, y, draw(outer_batch, "outer_batch"))      # D_F
         fresh = isinstance(inner_batch, collections.abc.Iterator)
         shared = None if fresh else averaged(linearize(problem.inner, x, y, inner_batch, self.mode), problem)
+        first = []          # the first linearisation's g value: the aux's inner loss
 
         def op():
             # draw(), not next(): an exhausted iterator is a ValueError, not a StopIteration
             # (which a surrounding generator or for-loop would silently swallow)
             if shared is not None:
                 return shared
-            return averaged(linearize(problem.inner, x, y, draw(inner_batch, "inner_batch"), self.mode), problem)
+            lin = averaged(linearize(problem.inner, x, y, draw(inner_batch, "inner_batch"), self.mode), problem)
+            if not first:
+                first.append(lin.value)
+            return lin
 
         r, acc = fy, fy
         bad = torch.zeros((), dtype=torch.int64, device=fval.device)
@@ -57,7 +61,8 @@ class StocBiO(NamedTuple):
         rel = torch.where(ok, T.sqnorm(r) / torch.where(ok, bb, torch.ones_like(bb)), torch.zeros_like(bb)).sqrt()
         info = SolveInfo(torch.full_like(bad, self.neumann_steps), rel, ok.to(rel.dtype), bad,
                          torch.zeros((), dtype=torch.bool, device=bad.device))
-        return dx, HypergradAux(y, v, fval.detach(), info)
+        g_val = shared.value if shared is not None else first[0]
+        return dx, HypergradAux(y, v, fval.detach(), info, inner_loss=g_val)
 
 
 def stocbio(neumann_steps: int, eta: float, mode: str = "auto") -> StocBiO:
@@ -70,7 +75,9 @@ def stocbio(neumann_steps: int, eta: float, mode: str = "auto") -> StocBiO:
     mixed product a fresh batch D_G; otherwise one batch (and one autograd graph) serves
     all terms.  ``aux.solve`` reports the series like a fixed-point solve: the relative
     residual before the last term and the terms r with rᵀ∇yy G·r ≤ 0 (an indefinite
-    Hessian: the series then grows); ``tb.hypergrad`` warns once on either."""
+    Hessian: the series then grows); ``tb.hypergrad`` warns once on either.
+    ``aux.inner_loss`` is g(x, y) on the first of those batches, from its linearisation's
+    forward (None under torch.func transforms; rank-local with a data-parallel problem)."""
     if mode not in ("auto", "autograd", "func"):
         raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
     return StocBiO(check_steps(neumann_steps, "neumann_steps"), check_positive(eta, "eta"), mode)

@@ -26,6 +26,7 @@ from ..problem import check_params, check_positive, check_problem, check_steps, 
 from .algorithm import Algorithm
 from .outer import OUTER_RULES, OuterState, outer_init, outer_update
 from .schedule import value_at
+from .step_info import StepInfo, reply, tree_norm
 
 
 class DoubleLoopState(NamedTuple):
@@ -80,6 +81,14 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
             when ``tb.first_order()`` is identically zero; the run's ``state.warned`` records it.
             Default (None): as ``check_finite`` (``False`` keeps the step free of host reads).
 
+    ``state, info = algo.step(state, inner_batch, outer_batch, has_aux=True)`` also returns
+    a :class:`torchbilevel.StepInfo` from the estimate (no extra evaluation): ``outer_loss``
+    f(x_k, y; ·) at the inner iterate the estimate used (``aux.outer_loss``), ``inner_loss``
+    the estimator's ``aux.inner_loss`` (stocBiO: g at that y on its first inner sample;
+    None for estimators that do not report one), ``hypergrad_norm`` ‖∇̂Φ(x_k)‖ of the
+    estimate *before* the outer rule (SGD: the direction x moves along; Adam: its input),
+    ``solve`` the linear solve's :class:`torchbilevel.solvers.SolveInfo` (``tb.aid``).
+
     Each call of ``step`` draws ``inner_steps`` inner batches (when ``inner_batch`` is an
     iterator) and what the estimator needs.  Models in train mode: BatchNorm running
     statistics (through :func:`torchbilevel.nn.call`) move exactly once per inner step,
@@ -110,10 +119,11 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0,
                                None if generator is None else generator.get_state())
 
-    def step(state: DoubleLoopState, inner_batch, outer_batch) -> DoubleLoopState:
+    def step(state: DoubleLoopState, inner_batch, outer_batch, has_aux: bool = False):
         """One outer step: ``inner_steps`` warm-started inner steps, a hypergradient, an outer
-        update.  Returns the new state; a FloatingPointError leaves ``state`` and the random
-        stream (global and the estimator's generator) as they were."""
+        update.  Returns the new state (with ``has_aux``: ``(state, StepInfo)``); a
+        FloatingPointError leaves ``state`` and the random stream (global and the
+        estimator's generator) as they were."""
         if not isinstance(state, DoubleLoopState):
             raise TypeError(f"state must come from init(), got {type(state).__name__}")
         if generator is not None and state.generator is not None:
@@ -124,13 +134,15 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
                 # a sharded model: the step on the local shards, the new state as DTensors
                 local, xl, yl, sx, sy = S.localize(problem, state.x, state.y)
                 hg_l = hypergrad(local, estimator, has_aux=True, check_finite=False, check_solve=False)
-                new = _step(state._replace(x=xl, y=yl), inner_batch, outer_batch, local, hg_l)
+                new, info = _step(state._replace(x=xl, y=yl), inner_batch, outer_batch, local, hg_l, sx)
                 new = new._replace(x=S.to_user(new.x, sx), y=S.to_user(new.y, sy))
             else:
-                new = _step(state, inner_batch, outer_batch, problem, hg)
-        return new if generator is None else new._replace(generator=generator.get_state())
+                new, info = _step(state, inner_batch, outer_batch, problem, hg)
+        new = new if generator is None else new._replace(generator=generator.get_state())
+        return reply(new, has_aux, info)
 
-    def _step(state: DoubleLoopState, inner_batch, outer_batch, problem, hg) -> DoubleLoopState:
+    def _step(state: DoubleLoopState, inner_batch, outer_batch, problem, hg, spec_x=None):
+        """(new state, a function giving its StepInfo: called only with has_aux)."""
         k = state.step
         beta = value_at(lr_y, k, "lr_y")
         x, y = state.x, state.y
@@ -158,7 +170,9 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
                                          f"{where}; the state passed in is unchanged")
         warned = H.act(fired, estimator, state.warned, stacklevel=4)
         v_new = {kk: t.detach() for kk, t in aux.v.items()} if aux.v is not None else None
-        return DoubleLoopState(x_new, aux.y, v_new, opt, k + 1, warned=warned)
+        return DoubleLoopState(x_new, aux.y, v_new, opt, k + 1, warned=warned), lambda: StepInfo(
+            inner_loss=aux.inner_loss, outer_loss=aux.outer_loss, hypergrad_norm=tree_norm(dx, spec_x),
+            solve=aux.solve)
 
     def state_dict(state: DoubleLoopState) -> dict:
         # plain dicts, tensors and ints only: torch.load(weights_only=True) reads it back
