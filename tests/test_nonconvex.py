@@ -427,3 +427,13 @@ def test_a_diverging_fixed_point_warns_that_it_diverged():
         _, aux = tb.hypergrad(p, tb.aid(tb.fixed_point(10, lr=0.6)), has_aux=True)(x, y, None, None)   # lr > 2/5
     assert float(aux.solve.residual) > float(aux.solve.start_residual)
     assert int(aux.solve.nonpositive_curvature) == 0
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_aid_reports_the_inner_loss_it_evaluated(curvature):
+    outputs, loss, reg, f, x, y = mlp_problem(seed=3)
+    g = tb.OutputLoss(outputs, loss, reg)
+    _, aux = tb.hypergrad(tb.Bilevel(outer=f, inner=g), tb.aid(tb.cg(5), curvature=curvature),
+                          has_aux=True)(x, y, None, None)
+    torch.testing.assert_close(aux.inner_loss, g(x, y, None), rtol=1e-14, atol=0)
+    torch.testing.assert_close(aux.outer_loss, f(x, y, None), rtol=1e-14, atol=0)

@@ -77,7 +77,7 @@ def _autograd_gn(inner, x, y, batch) -> Linearization:
                                         allow_unused=True)
         return {k: (torch.zeros_like(t) if o is None else o.detach()) for (k, t), o in zip(xr.items(), out_x)}
 
-    return Linearization({k: t.detach() for k, t in zip(yr, gys)}, hvp, mixed)
+    return Linearization({k: t.detach() for k, t in zip(yr, gys)}, hvp, mixed, val.detach())
 
 
 def _func_gn(inner, x, y, batch) -> Linearization:

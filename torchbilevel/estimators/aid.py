@@ -57,7 +57,7 @@ class AID(NamedTuple):
         jv = lin.mixed(v)
         record(MIXED, jv)
         dx = T.sub(fx, jv)                                    # eq. (3)
-        return dx, HypergradAux(y, v, fval.detach(), info)
+        return dx, HypergradAux(y, v, fval.detach(), info, inner_loss=lin.value)   # g from the linearisation's forward
 
     @property
     def generator(self):

@@ -17,8 +17,10 @@ class HypergradAux(NamedTuple):
     v: the linear-system solution (AID, stocBiO's v_Q), or None.
     outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
     solve: what the linear solve did (:class:`torchbilevel.solvers.SolveInfo`: iterations,
-       relative residual, iterations that met non-positive curvature) for AID, else None.
-    inner_loss: g(x, y; batch) where the estimate evaluated it anyway (0-d tensor; stocBiO:
+       relative residual, iterations that met non-positive curvature) for AID and stocBiO's
+       Neumann series, else None.
+    inner_loss: g(x, y; batch) where the estimate evaluated it anyway (0-d tensor; AID: at
+       the given y on the inner batch, from the forward that builds ∇y g's graph; stocBiO:
        at the given y on its first inner sample), else None.
     """
     y: T.Tree
