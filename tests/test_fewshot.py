@@ -100,3 +100,53 @@ def test_cli_runs_fewshot(tmp_path, capsys):
     assert code == 0 and png.exists() and png.with_suffix(".csv").exists()
     text = capsys.readouterr().out
     assert "ITD-BiO (ANIL)" in text and "ProtoNet" in text and "ci95" in text
+
+
+def test_imaml_hessian_variant_runs():
+    cfg = fewshot.FewShotConfig(methods=("imaml",), imaml_curvature="hessian", imaml_lam=50.0, **TINY)
+    (row,) = final_rows(fewshot.run(cfg))
+    assert "diverged" not in row and 0.0 <= row["final_acc"] <= 1.0
+
+
+def test_imaml_defaults_are_inside_its_assumptions_at_the_meta_initialisation():
+    # issue 24: at λ = 2 the proximal problem of CNN4 is not convex (the Hessian solve meets
+    # non-positive curvature); the default solves with the Gauss-Newton matrix (positive
+    # definite: CG converges, no warning) and keeps the inner lr below 2/L
+    import warnings
+
+    import torchbilevel as tb
+    from torchbilevel.estimators.base import unroll
+    cfg = fewshot.FewShotConfig()
+    assert cfg.imaml_curvature == "gauss_newton"
+    data = fewshot.make_data(cfg)
+    torch.manual_seed(0)
+    model = fewshot.CNN4(cfg.width, cfg.ways).train()
+    x = {k: v.detach() for k, v in model.named_parameters()}
+    (sx, sl), (qx, ql) = next(fewshot.TaskSampler(data["train"], cfg.ways, cfg.shots, cfg.queries, 1, 5))
+    s, q = (sx[0], sl[0]), (qx[0], ql[0])
+    problem = fewshot.imaml_problem(model, cfg.imaml_lam, output_loss=True)
+    with tb.buffers.frozen():
+        y = unroll(problem, x, dict(x), [s] * cfg.imaml_steps, cfg.imaml_lr, differentiable=False)
+    y = {k: v.detach() for k, v in y.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)        # no indefinite-solve warning
+        est = tb.aid(tb.cg(cfg.imaml_solver_steps), curvature=cfg.imaml_curvature)
+        _, aux = tb.hypergrad(problem, est, has_aux=True)(x, y, s, q)
+    assert int(aux.solve.nonpositive_curvature) == 0 and float(aux.solve.residual) < 1e-2
+    hess = tb.aid(tb.cg(cfg.imaml_solver_steps, indefinite="truncate"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, aux_h = tb.hypergrad(problem, hess, has_aux=True)(x, y, s, q)
+    assert int(aux_h.solve.nonpositive_curvature) > 0             # why not the Hessian at λ = 2
+    # the largest eigenvalue of ∇yy g by power iteration: lr < 2/L
+    yr = {k: v.clone().requires_grad_(True) for k, v in y.items()}
+    with tb.buffers.frozen():
+        gr = torch.autograd.grad(problem.inner(x, yr, s), list(yr.values()), create_graph=True)
+    v = [torch.randn_like(t) for t in gr]
+    for _ in range(15):
+        n = torch.sqrt(sum((t * t).sum() for t in v))
+        v = [t / n for t in v]
+        hv = torch.autograd.grad(gr, list(yr.values()), v, retain_graph=True)
+        lam_max = float(sum((a * b).sum() for a, b in zip(v, hv)))
+        v = list(hv)
+    assert cfg.imaml_lr < 2.0 / lam_max

@@ -17,9 +17,9 @@ KERNELS = ROOT.parent / "kernels"          # installed as torchbilevel.kernels
 LAYERS = {
     "tracing": 0, "tree": 0, "kernels": 0,
     "randomness": 1, "buffers": 1, "guards": 1, "ranks": 1, "units": 1,
-    "problem": 2,
+    "problem": 2, "output_loss": 2,
     "derivatives": 3, "solvers": 3, "features": 3, "distributed": 3, "sharding": 3, "wrappers": 3,
-    "nn": 4, "estimators": 4,
+    "nn": 4, "estimators": 4, "health": 4,
     "hypergrad": 5, "tasks": 5,
     "optim": 6,
     "datasets": 7, "text": 7, "__init__": 8, "experiments": 9, "__main__": 10,   # experiments use the public API

@@ -51,7 +51,7 @@ def test_cg_exact_in_n_steps(n, cond, seed):
     # exact arithmetic terminates in n steps; in float64 that holds to ~1e-14 for a
     # well-conditioned spectrum (spread spectra lose orthogonality: next test)
     A, b, _ = spd(n, cond, seed)
-    v = solve(tb.cg(steps=n), operator(A), as_tree(b))
+    v, _ = solve(tb.cg(steps=n), operator(A), as_tree(b))
     ref = torch.linalg.solve(A, b)
     assert (as_vec(v) - ref).norm() <= 1e-10 * ref.norm()
 
@@ -60,7 +60,7 @@ def test_cg_exact_in_n_steps(n, cond, seed):
 @given(st.integers(1, 12), st.floats(1.0, 1e3), st.integers(0, 10**6))
 def test_cg_ill_conditioned_converges_with_extra_steps(n, cond, seed):
     A, b, _ = spd(n, cond, seed)
-    v = solve(tb.cg(steps=3 * n), operator(A), as_tree(b))
+    v, _ = solve(tb.cg(steps=3 * n), operator(A), as_tree(b))
     ref = torch.linalg.solve(A, b)
     assert torch.isfinite(as_vec(v)).all()
     assert (as_vec(v) - ref).norm() <= 1e-9 * ref.norm()
@@ -70,7 +70,7 @@ def test_cg_ill_conditioned_converges_with_extra_steps(n, cond, seed):
 @given(st.integers(2, 12), st.integers(1, 3), st.integers(0, 10**6))
 def test_cg_exact_in_as_many_steps_as_distinct_eigenvalues(n, k, seed):
     A, b, _ = spd(n, 10.0, seed, distinct=min(k, n))
-    v = solve(tb.cg(steps=min(k, n)), operator(A), as_tree(b))
+    v, _ = solve(tb.cg(steps=min(k, n)), operator(A), as_tree(b))
     torch.testing.assert_close(as_vec(v), torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
 
 
@@ -82,7 +82,7 @@ def test_cg_iterates_minimise_energy_over_krylov_space(n, k, seed):
     A, b, _ = spd(n, 20.0, seed)
     K, _ = torch.linalg.qr(torch.stack([torch.linalg.matrix_power(A, i) @ b for i in range(k)], 1))
     ref = K @ torch.linalg.solve(K.T @ A @ K, K.T @ b)
-    v = solve(tb.cg(steps=k), operator(A), as_tree(b))
+    v, _ = solve(tb.cg(steps=k), operator(A), as_tree(b))
     torch.testing.assert_close(as_vec(v), ref, rtol=1e-8, atol=1e-10)
 
 
@@ -93,7 +93,7 @@ def test_fixed_point_iterates_match_closed_form(n, cond, steps, rel_lr, seed):
     # From v0 = 0, K Richardson steps give v_K = (I − (I − lr A)^K) A⁻¹ b.
     A, b, lam = spd(n, cond, seed)
     lr = rel_lr / lam.max().item()
-    v = solve(tb.fixed_point(steps=steps, lr=lr), operator(A), as_tree(b))
+    v, _ = solve(tb.fixed_point(steps=steps, lr=lr), operator(A), as_tree(b))
     E = torch.linalg.matrix_power(torch.eye(n, dtype=DT) - lr * A, steps)
     ref = (torch.eye(n, dtype=DT) - E) @ torch.linalg.solve(A, b)
     torch.testing.assert_close(as_vec(v), ref, rtol=1e-9, atol=1e-11)
@@ -106,14 +106,14 @@ def test_fixed_point_converges_below_two_over_lmax(n, cond, rel_lr, seed):
     lr = rel_lr / lam.max().item()
     rate = max(abs(1 - lr * lam.min().item()), abs(1 - lr * lam.max().item()))
     steps = 1 if rate < 1e-12 else min(5000, max(1, math.ceil(math.log(1e-12) / math.log(rate))))
-    v = solve(tb.fixed_point(steps=steps, lr=lr), operator(A), as_tree(b))
+    v, _ = solve(tb.fixed_point(steps=steps, lr=lr), operator(A), as_tree(b))
     ref = torch.linalg.solve(A, b)
     torch.testing.assert_close(as_vec(v), ref, rtol=1e-8, atol=1e-8 * ref.norm().item())
 
 
 def test_fixed_point_diverges_above_two_over_lmax():
     A, b, lam = spd(5, 4.0, 0)
-    v = solve(tb.fixed_point(steps=200, lr=2.2 / lam.max().item()), operator(A), as_tree(b))
+    v, _ = solve(tb.fixed_point(steps=200, lr=2.2 / lam.max().item()), operator(A), as_tree(b))
     assert as_vec(v).norm() > 1e3 * torch.linalg.solve(A, b).norm()
 
 
@@ -121,14 +121,14 @@ def test_fixed_point_diverges_above_two_over_lmax():
 def test_zero_rhs_stays_zero_and_finite(solver):
     A, _, _ = spd(5, 50.0, 1)
     b = as_tree(torch.zeros(5, dtype=DT))
-    v = solve(solver, operator(A), b)
+    v, _ = solve(solver, operator(A), b)
     assert torch.equal(as_vec(v), torch.zeros(5, dtype=DT))
 
 
 @pytest.mark.parametrize("n,steps", [(1, 5), (3, 10), (6, 50)])
 def test_cg_more_steps_than_dimension_stays_finite_and_exact(n, steps):
     A, b, _ = spd(n, 100.0, n)
-    v = solve(tb.cg(steps=steps), operator(A), as_tree(b))
+    v, _ = solve(tb.cg(steps=steps), operator(A), as_tree(b))
     assert torch.isfinite(as_vec(v)).all()
     torch.testing.assert_close(as_vec(v), torch.linalg.solve(A, b), rtol=1e-9, atol=1e-11)
 
@@ -137,7 +137,7 @@ def test_cg_more_steps_than_dimension_stays_finite_and_exact(n, steps):
 def test_warm_start_at_solution_stays(solver):
     A, b, _ = spd(6, 10.0, 2)
     exact = torch.linalg.solve(A, b)
-    v = solve(solver, operator(A), as_tree(b), v0=as_tree(exact))
+    v, _ = solve(solver, operator(A), as_tree(b), v0=as_tree(exact))
     torch.testing.assert_close(as_vec(v), exact, rtol=1e-12, atol=1e-12)
 
 
@@ -145,8 +145,8 @@ def test_warm_start_improves_cg():
     A, b, _ = spd(10, 100.0, 3)
     exact = torch.linalg.solve(A, b)
     near = exact + 1e-3 * torch.ones(10, dtype=DT)
-    cold = as_vec(solve(tb.cg(steps=2), operator(A), as_tree(b)))
-    warm = as_vec(solve(tb.cg(steps=2), operator(A), as_tree(b), v0=as_tree(near)))
+    cold = as_vec(solve(tb.cg(steps=2), operator(A), as_tree(b))[0])
+    warm = as_vec(solve(tb.cg(steps=2), operator(A), as_tree(b), v0=as_tree(near))[0])
     assert (warm - exact).norm() < 0.1 * (cold - exact).norm()
 
 
@@ -163,7 +163,7 @@ def test_solve_does_not_modify_inputs():
 def test_tol_stops_early(solver):
     A, b, _ = spd(8, 5.0, 5)
     calls = []
-    v = solve(solver, operator(A, calls), as_tree(b))
+    v, _ = solve(solver, operator(A, calls), as_tree(b))
     assert len(calls) < solver.steps // 4
     res = (b - A @ as_vec(v)).norm()
     assert res <= 1e-6 * b.norm() * 1.0001

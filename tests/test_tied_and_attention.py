@@ -8,6 +8,8 @@
 """
 import warnings
 
+import math
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -105,14 +107,31 @@ class Attn(torch.nn.Module):
 
 def test_plain_torch_cannot_differentiate_the_default_attention_kernel_twice():
     # the premise: without the math backend, a double backward through SDPA fails on CPU
-    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    # (the error names the missing derivative), and under the math backend it exists and
+    # equals the second derivative of attention written out by hand (float64)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     try:
-        torch.autograd.grad(gq.sum(), q)
-    except RuntimeError:
-        return
-    pytest.skip("this build's default SDPA kernel has a double backward")
+        torch.autograd.grad(gq.pow(2).sum(), q)
+    except RuntimeError as err:
+        assert "derivative for aten::_scaled_dot_product" in str(err) and "not implemented" in str(err), err
+    else:
+        pytest.skip("this build's default SDPA kernel has a double backward")
+
+    def by_hand(q):
+        w = torch.softmax(q @ q.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        return w @ q
+
+    def second(fn):
+        (g1,) = torch.autograd.grad(fn(q).sum(), q, create_graph=True)
+        return torch.autograd.grad(g1.pow(2).sum(), q)[0]
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        math_backend = second(lambda t: torch.nn.functional.scaled_dot_product_attention(t, t, t))
+    torch.testing.assert_close(math_backend, second(by_hand), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["aid", "itd", "stocbio", "fmbo"])

@@ -53,10 +53,12 @@ def task(tree, i):
 def test_vmap_over_tasks_equals_loop(name):
     x, ys, ib, ob = tasks()
     hg = tb.hypergrad(PROBLEM, ESTIMATORS[name], has_aux=True)
-    # ITD's aux.v is None: vmap needs out_dims=None for that leaf
-    out_dims = (0, tb.HypergradAux(0, None if name == "itd" else 0, 0))
+    # ITD's aux.v and aux.solve are None: vmap needs out_dims=None for those leaves
+    out_dims = (0, tb.HypergradAux(0, None if name == "itd" else 0, 0, None if name == "itd" else 0))
     dx, aux = vmap(hg, in_dims=(None, 0, 0, 0), out_dims=out_dims)(x, ys, ib, ob)
     plain = vmap(tb.hypergrad(PROBLEM, ESTIMATORS[name]), in_dims=(None, 0, 0, 0))(x, ys, ib, ob)
+    if name != "itd":                       # the solve's report (AID, stocBiO) is per task, as tensors
+        assert aux.solve.residual.shape == (TASKS,) and aux.solve.nonpositive_curvature.shape == (TASKS,)
     for k in x:
         torch.testing.assert_close(plain[k], dx[k], rtol=0, atol=0)
     assert dx["proj"].shape == (TASKS, 4, 3) and dx["loglam"].shape == (TASKS,)

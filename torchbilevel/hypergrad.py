@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Optional
 
+import torch
 from torch import Tensor
 
 from . import buffers as B
 from . import guards as G
+from . import health as H
 from . import randomness as R
 from . import sharding as S
 from . import tree as T
@@ -28,15 +30,16 @@ def diagnose_nonfinite(dx, aux: HypergradAux) -> str:
     return "the hypergradient (outer gradient or mixed product ∇xy g·v)"
 
 
-def check_hypergradient(dx, aux: HypergradAux, trace=None, **inputs) -> None:
+def check_hypergradient(dx, aux: HypergradAux, trace=None, finite=None, **inputs) -> None:
     """Raise FloatingPointError naming where NaN/inf arose (one host read when all is finite).
 
     ``trace``: the :class:`torchbilevel.guards.StageTrace` of the computation (names the
-    stage exactly); ``inputs``: dicts to blame first when they hold NaN/inf (e.g. ``x=x``).
+    stage exactly); ``inputs``: dicts to blame first when they hold NaN/inf (e.g. ``x=x``);
+    ``finite``: the result of ``T.all_finite(dx)`` when the caller has read it already.
     """
     if in_functorch_transform():
         return
-    if not bool(T.all_finite(dx)):
+    if not (bool(T.all_finite(dx)) if finite is None else finite):
         where = G.locate(trace, diagnose_nonfinite(dx, aux), **inputs)
         raise FloatingPointError(f"non-finite hypergradient: NaN/inf first appears in {where}; "
                                  "the inputs are unchanged")
@@ -52,7 +55,24 @@ def _twice(estimator) -> bool:
     return not (isinstance(estimator, FirstOrder) or getattr(estimator, "perturbs_x", False))
 
 
-def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True) -> Callable:
+def read_checks(dx, aux: HypergradAux, estimator, check_finite: bool, check_solve: bool, *extra: Tensor):
+    """One host read for the finite check and the health checks (:mod:`torchbilevel.health`):
+    returns ``(finite or None, {check: fired}, extra values)``; nothing is read (and
+    ``(None, {}, ())`` returned) when neither check is on or inside torch.func transforms."""
+    if in_functorch_transform():
+        return None, {}, ()
+    named = H.flags(dx, aux, estimator) if check_solve else {}
+    tensors = ([T.all_finite(dx)] if check_finite else []) + list(named.values()) + list(extra)
+    if not tensors:
+        return None, {}, ()
+    values = torch.stack([t.reshape(()).to(torch.float64) for t in tensors]).tolist()
+    finite = bool(values.pop(0)) if check_finite else None
+    fired = {k: values.pop(0) for k in named}
+    return finite, fired, tuple(values)
+
+
+def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = True,
+              check_solve: Optional[bool] = None) -> Callable:
     """Return a function computing the hypergradient ∇Φ(x) with ``estimator``.
 
     Like ``torch.func.grad``, this is a transform::
@@ -72,6 +92,15 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
             system, mixed product); one host read per call; skipped inside torch.func
             transforms such as vmap.  ``False`` makes the call free of host reads (for
             ``torch.compile(fullgraph=True)`` and CUDA graphs).
+        check_solve: read what the estimate says about itself in the same host read: an
+            AID solve that met non-positive curvature or ended with a larger residual than
+            it started with (an indefinite inner Hessian) gives a ``RuntimeWarning`` (or
+            ``IndefiniteSystemError`` with ``indefinite="raise"`` in the solver config); a
+            ``tb.first_order()`` result that is exactly zero (f does not depend on x) gives
+            a ``RuntimeWarning``.  The message is fixed, so Python shows it once per call
+            site; ``aux.solve`` carries the figures either way (as tensors under vmap).
+            Default (None): as ``check_finite``, so ``check_finite=False`` keeps the call
+            free of host reads.
 
     The returned function takes ``(x, y, inner_batch, outer_batch, v0=None)``: x and y are
     dicts of tensors (never modified), the batches are passed to g and f (an iterator is
@@ -88,18 +117,23 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
     check_problem(problem)
     if not is_estimator(estimator):
         raise TypeError(f"estimator must be {ESTIMATOR_NAMES}, got {type(estimator).__name__}")
+    check_solve = check_finite if check_solve is None else bool(check_solve)
+    if hasattr(estimator, "check"):
+        estimator.check(problem)          # what the config needs of the problem, before any work
 
     def hypergradient(x: Mapping[str, Tensor], y: Mapping[str, Tensor], inner_batch, outer_batch,
                       v0: Optional[Mapping[str, Tensor]] = None):
         check_params(x, y)
+        if hasattr(estimator, "check_inputs"):
+            estimator.check_inputs(x, y)
         if S.is_sharded(x, y):
             if _twice(estimator):
                 S.refuse(_method_name(estimator), x, y)
             # a sharded model: the estimator on the local shards, the result as DTensors
             inner_batch, outer_batch = problem.check_uses(x, y, inner_batch, outer_batch)
             local, xl, yl, sx, sy = S.localize(problem, x, y)
-            dx, aux = hypergrad(local, estimator, has_aux=True, check_finite=check_finite)(xl, yl, inner_batch,
-                                                                                          outer_batch)
+            dx, aux = hypergrad(local, estimator, has_aux=True, check_finite=check_finite,
+                                check_solve=check_solve)(xl, yl, inner_batch, outer_batch)
             dx, aux = S.to_user(dx, sx), aux._replace(y=S.to_user(aux.y, sy))
             return (dx, aux) if has_aux else dx
         if v0 is not None:
@@ -119,8 +153,10 @@ def hypergrad(problem, estimator, has_aux: bool = False, check_finite: bool = Tr
                     dx, aux = lifted_estimate(problem, estimator, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
                 else:
                     dx, aux = estimator.estimate(problem, dict(x), dict(y), inner_batch, outer_batch, v0=v0)
+            finite, fired, _ = read_checks(dx, aux, estimator, check_finite, check_solve)
             if check_finite:
-                check_hypergradient(dx, aux, trace, x=x, y=y, v0=v0)
+                check_hypergradient(dx, aux, trace, finite=finite, x=x, y=y, v0=v0)
+            H.act(fired, estimator)
         return (dx, aux) if has_aux else dx
 
     hypergradient.__doc__ = f"Hypergradient of {problem!r} by {estimator!r}."

@@ -5,7 +5,7 @@ x-gradient of ⟨∇y g, v⟩, a vector shaped like x).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -34,11 +34,13 @@ class Linearization(NamedTuple):
 
     ``grad_y`` is ∇y g(x, y); ``hvp(v)`` returns ∇yy g·v; ``mixed(v)`` returns ∇xy g·v.
     Built once per (x, y, batch) and applied many times (e.g. by CG): each application
-    is one backward pass through the y-dependent operations only.
+    is one backward pass through the y-dependent operations only.  ``value`` is g(x, y)
+    from the same forward (autograd mechanism; None under torch.func).
     """
     grad_y: T.Tree
     hvp: Callable[[T.Tree], T.Tree]
     mixed: Callable[[T.Tree], T.Tree]
+    value: Optional[Tensor] = None
 
 
 def _autograd_linearization(g, x, y, batch) -> Linearization:
@@ -70,7 +72,7 @@ def _autograd_linearization(g, x, y, batch) -> Linearization:
         return {k: (torch.zeros_like(t) if o is None else o.detach()) for (k, t), o in zip(xr.items(), out)}
 
     gy = {k: gi.detach() for k, gi in zip(yr, gys)}
-    return Linearization(gy, hvp, mixed)
+    return Linearization(gy, hvp, mixed, val.detach())
 
 
 def _func_linearization(g, x, y, batch) -> Linearization:
@@ -112,12 +114,12 @@ def linearize(g, x, y, batch, mode: str = "auto") -> Linearization:
 def averaged(lin: Linearization, problem) -> Linearization:
     """``lin`` with its products averaged over ``problem``'s data-parallel group
     (:meth:`torchbilevel.Bilevel.average`: one all-reduce per product); ``lin`` itself when
-    the problem has no reduce hook.  ``grad_y`` stays the rank-local gradient (no method
-    here uses it; average it yourself if you need it)."""
+    the problem has no reduce hook.  ``grad_y`` and ``value`` stay rank-local (no method
+    here uses them in its result; average them yourself if you need them)."""
     if getattr(problem, "reduce", None) is None:
         return lin
     return Linearization(lin.grad_y, lambda v: problem.average(lin.hvp(v))[0],
-                         lambda v: problem.average(lin.mixed(v))[0])
+                         lambda v: problem.average(lin.mixed(v))[0], lin.value)
 
 
 def hvp(g, x, y, v, batch) -> T.Tree:

@@ -62,10 +62,11 @@ class FDProducts(NamedTuple):
     delta: Tensor
     batched: Optional[bool] = None   # the pair mode that ran (True: one vmap; False: two evaluations)
     grad_y: Optional[T.Tree] = None  # with_grad_y: (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²)
+    value: Optional[Tensor] = None   # with_grad_y: (g(y+δv) + g(y−δv))/2 = g(y) + O(δ²), evaluated anyway
 
 
 def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, wrt=(0, 1),
-                with_grad_y: bool = False, nonzero=None) -> FDProducts:
+                with_grad_y: bool = False, exact_zero: bool = True) -> FDProducts:
     """Finite-difference ∇yy g·v and ∇xy g·v from the same two evaluations of g.
 
     H̃ = (∇y g(x, y+δv) − ∇y g(x, y−δv)) / 2δ   (FdeHBO paper eq. (9))
@@ -94,23 +95,26 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
             up to O(δ²‖v‖²) (exact for g quadratic in y), from the same two evaluations
             and a second backward through the y-dependent part only: no separate forward
             of g at y (FdeHBO uses it when its y update and its products share a sample).
-            Outside torch.func transforms only (None inside them).
-        nonzero: a 0-d bool, whether the direction v is non-zero as a whole; default
-            ‖v‖ ≠ 0 here.  A sharded v (local shards) must pass its norm over every rank:
-            one rank's shard may be zero, or empty, while v is not.
+            Outside torch.func transforms only (None inside them).  ``value`` is then
+            (g(y+δv) + g(y−δv))/2 (a 0-d tensor in float32, float64 for float64 y).
 
     FD products are accurate when g is smooth along the segment y ± δv (a linear or
     softmax head, ridge/logistic losses).  Across ReLU kinks or max-pooling switches the
     error is O(1), not O(δ²): use exact products (FMBO, AID) for such inner variables.
+
+    exact_zero: a zero direction v gives exactly zero products (the two rows of the vmapped
+        pair may round differently on some CPUs, ~1e-27 instead of 0; a 0-d mask, no host
+        read).  Pass False when v is one rank's shard of a sharded vector: a zero shard does
+        not make the products zero (the sharded FdeHBO step does).
     """
     if isinstance(y, Tensor):        # flat buffers: wrap in one-entry dicts and unwrap at the end
         tx = isinstance(x, Tensor)
         g_d = lambda xx, yy, b: g(xx["_"] if tx else xx, yy["_"], b)
         r = fd_products(g_d, {"_": x} if tx else x, {"_": y}, {"_": v}, batch, delta, batched, wrt, with_grad_y,
-                        nonzero)
+                        exact_zero)
         unx = (lambda t: t["_"]) if tx else (lambda t: t)
         return FDProducts(None if r.hvp is None else r.hvp["_"], None if r.mixed is None else unx(r.mixed),
-                          r.delta, r.batched, None if r.grad_y is None else r.grad_y["_"])
+                          r.delta, r.batched, None if r.grad_y is None else r.grad_y["_"], r.value)
     d = fd_delta(y, v) if delta is None else delta
     any_y = next(iter(y.values()))
     dt = any_y.dtype
@@ -127,7 +131,7 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
         # CPU, attention on the math backend: the CPU flash kernel has no batching rule, so
         # vmap would loop over the pair through its slow fallback (a warning per run);
         # measured on a GPT-2 (2 layers, width 64, 8 x 32 tokens): 11.2 ms either way,
-        # two plain evaluations 12.3 ms (bench/RESULTS.md §14)
+        # two plain evaluations 12.3 ms (bench/RESULTS.md §15)
         signs = torch.tensor([1.0, -1.0], dtype=work, device=any_y.device)
         with _cpu_math_attention(any_y.device):
             vals = vmap(lambda s: g(xx, shifted(yy, s), b), randomness=R.VMAP_RANDOMNESS)(signs)
@@ -174,16 +178,18 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
     # A zero direction gives exactly zero products: the two rows of the vmapped pair may
     # round differently on some CPUs (~1e-27 instead of 0), so mask them; a 0-d bool, no
     # host read (composes with vmap and torch.compile).
-    live = T.sqnorm(v) != 0 if nonzero is None else nonzero
-    out = {i: {k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for i, tr in zip(wrt, grads_)}
-    return FDProducts(out.get(1), out.get(0), d_t, bool(ran), mean)
+    if exact_zero:
+        live = T.sqnorm(v) != 0
+        grads_ = [{k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for tr in grads_]
+    out = dict(zip(wrt, grads_))
+    return FDProducts(out.get(1), out.get(0), d_t, bool(ran), *(mean if mean is not None else (None, None)))
 
 
 def _pair_and_mean(g, x, y, shifted, batch, wrt, scale, work):
     """Two evaluations on separate leaves — (x₊, y+δv) and (x₋, y−δv), one random stream —
     and ONE backward of g₊ + g₋: each point's own gradients, from which the differences
-    (the products) and the mean of the y-gradients.  Each branch is traversed once, as in
-    the backward of D alone."""
+    (the products) and the mean of the y-gradients (with the mean of the two values).  Each
+    branch is traversed once, as in the backward of D alone."""
     legs = []
     for s in (1.0, -1.0):
         xs = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
@@ -203,11 +209,11 @@ def _pair_and_mean(g, x, y, shifted, batch, wrt, scale, work):
     out = {0: dict(zip(x, diff[:nx])), 1: dict(zip(y, diff[nx:]))}
     mean = {k: ((a.to(work) + b.to(work)) * 0.5).to(a.dtype) for k, a, b in zip(y, plus_g[nx:], minus_g[nx:])}
     D = (plus.detach().to(work) - minus.detach().to(work)) * scale
-    return D, tuple(out[i] for i in wrt), mean
+    return D, tuple(out[i] for i in wrt), (mean, (plus.detach().to(work) + minus.detach().to(work)) * 0.5)
 
 
 def _difference_and_mean(values, x, y, batch, wrt, scale):
-    """(D, grads of D = (g₊ − g₋)·scale w.r.t. ``wrt``, ∇y of M = (g₊ + g₋)/2) from one
+    """(D, grads of D = (g₊ − g₋)·scale w.r.t. ``wrt``, (∇y M, M) for M = (g₊ + g₋)/2) from one
     evaluation of the pair: two backward passes through one graph, the second restricted
     to y (the x-only part of g — a network body — is not traversed again)."""
     xr = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
@@ -226,7 +232,7 @@ def _difference_and_mean(values, x, y, batch, wrt, scale):
         out.append({k: zero(gi, t) for k, gi, t in zip(keys, gD[pos:pos + len(ts)], ts)})
         pos += len(ts)
     mean = {k: zero(gi, t).to(t.dtype) for (k, t), gi in zip(yr.items(), gM)}
-    return D.detach(), tuple(out), mean
+    return D.detach(), tuple(out), (mean, ((plus + minus) * 0.5).detach())
 
 
 #: vmap the ± pair when its forward costs less than this many plain forwards of g.  CPU,

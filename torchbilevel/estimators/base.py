@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from .. import tree as T
+from ..solvers import SolveInfo
 
 
 class HypergradAux(NamedTuple):
@@ -15,10 +16,18 @@ class HypergradAux(NamedTuple):
        ITD and PZOBO; the given y for AID and stocBiO).
     v: the linear-system solution (AID, stocBiO's v_Q), or None.
     outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
+    solve: what the linear solve did (:class:`torchbilevel.solvers.SolveInfo`: iterations,
+       relative residual, iterations that met non-positive curvature) for AID and stocBiO's
+       Neumann series, else None.
+    inner_loss: g(x, y; batch) where the estimate evaluated it anyway (0-d tensor; AID: at
+       the given y on the inner batch, from the forward that builds ∇y g's graph; stocBiO:
+       at the given y on its first inner sample), else None.
     """
     y: T.Tree
     v: Optional[T.Tree]
     outer_loss: Tensor
+    solve: Optional[SolveInfo] = None
+    inner_loss: Optional[Tensor] = None
 
 
 def outer_grads(problem, x, y, batch):

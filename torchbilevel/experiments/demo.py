@@ -227,7 +227,7 @@ def demo(experiment: str = "hyperclean", config: Any = None, out: str | None = N
     panels, logy = PLOTS[experiment]
     png = plot_curves(record, out, [m for m, _ in panels], x="seconds", logy=logy,
                       title=title or setting(experiment, config), xlabel=X_LABEL,
-                      ylabels=[label for _, label in panels])
+                      ylabels=[label for _, label in panels], logx=True, zoom=True)
     csv_path = os.path.splitext(out)[0] + ".csv"
     write_csv(record, csv_path)
     return DemoResult(record, text, png, csv_path)

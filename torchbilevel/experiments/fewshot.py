@@ -20,7 +20,8 @@ and the meta-gradient (1/B) Σ_i ∇Φ_i(x) over a meta-batch of B tasks
 * ``aid_cg`` / ``aid_fp``: AID-BiO: T inner GD steps, then CG / fixed point (N steps).
 * ``pzobo`` / ``pzobo_sphere``: PZOBO with Gaussian / the authors' sphere directions.
 * ``first_order``: FO-ANIL, ∇x f at the head reached by T inner steps.
-* ``imaml``: iMAML, ``imaml_steps`` inner GD steps on all weights then AID-CG(N).
+* ``imaml``: iMAML, ``imaml_steps`` inner GD steps on all weights then AID-CG on the
+  Gauss-Newton matrix (or the Hessian: ``imaml_curvature``).
 * ``protonet``: ProtoNet (Snell et al. 2017; not bilevel): class means of the support
   features, logits −‖z − c_k‖², CE on the queries, backprop into the body.
 
@@ -67,7 +68,16 @@ class FewShotConfig:
     steps, ``directions`` PZOBO directions of radius ``mu``; Adam on x with ``lr_x``;
     ``meta_batch`` tasks per meta-gradient, through ``tb.over_tasks(mode=mode)``.
     iMAML: ``imaml_steps`` GD steps of ``imaml_lr`` on all weights, proximal weight
-    ``imaml_lam``.  ``target_acc``: the accuracy whose first crossing (on the
+    ``imaml_lam``, then CG(``imaml_solver_steps``) with ``imaml_curvature`` ``"gauss_newton"``
+    (G = Jᵀ∇²CE J + λI, positive definite: CG converges, relative residual ~2e-3 at 10 steps)
+    or ``"hessian"`` (∇yy g, the paper's matrix).  Measured (bench/RESULTS.md, "Non-convex
+    inner problems"): the support CE Hessian of CNN4 at the task iterate has eigenvalues
+    down to −15 (−39 at the meta-initialisation) and up to 40-90, so with the Hessian the
+    proximal problem is convex only for λ ≳ 40 (``imaml_lam=50, imaml_lr=0.01,
+    imaml_curvature="hessian"``: CG(10) converged, no negative curvature, but y stays within
+    ‖∇CE‖/λ of x and accuracy falls to 0.35-0.37); the old λ = 2, lr 0.1 (above 2/L ≈ 0.05)
+    solved an indefinite system (CG(10) vs CG(100) cosine 0.1-0.3).  The default keeps λ = 2
+    with the inner lr below 2/L and Gauss-Newton curvature.  ``target_acc``: the accuracy whose first crossing (on the
     ``eval_tasks`` curve) is reported as time to accuracy.  Step sizes were not tuned
     beyond a few trials (bench/RESULTS.md, few-shot section): with ``lr_y = 0.5`` ITD-BiO
     learned and both AID-BiO variants fell to chance (the body's features grow, a fixed
@@ -99,9 +109,11 @@ class FewShotConfig:
     reg: float = 0.1
     directions: int = 1
     mu: float = 0.01
-    imaml_steps: int = 5
-    imaml_lr: float = 0.1
+    imaml_steps: int = 10
+    imaml_lr: float = 0.02
     imaml_lam: float = 2.0
+    imaml_solver_steps: int = 10
+    imaml_curvature: str = "gauss_newton"
     target_acc: float = 0.8
     mode: str = "auto"
     seed: int = 0
@@ -166,17 +178,25 @@ def anil_problem(model: CNN4, reg: float) -> tb.Bilevel:
     return tb.Bilevel(outer=f, inner=g, features=phi)
 
 
-def imaml_problem(model: CNN4, lam: float) -> tb.Bilevel:
+def imaml_problem(model: CNN4, lam: float, output_loss: bool = False) -> tb.Bilevel:
     """iMAML (Rajeswaran et al. 2019, eq. (3)-(4)): y = all weights of the task, x = the
-    meta-initialisation; g = support CE + λ/2 ‖y − x‖², f = query CE."""
+    meta-initialisation; g = support CE + λ/2 ‖y − x‖², f = query CE.  ``output_loss``:
+    declare g as ``tb.OutputLoss`` (logits, CE, the proximal term) for Gauss-Newton curvature."""
+
+    def logits(x, y, batch):
+        return tb.nn.call(model, {}, y, batch[0])
 
     def f(x, y, batch):
-        return F.cross_entropy(tb.nn.call(model, {}, y, batch[0]), batch[1])
+        return F.cross_entropy(logits(x, y, batch), batch[1])
+
+    def prox(x, y, batch):
+        return 0.5 * lam * sum(((y[k] - x[k]) ** 2).sum() for k in y)
 
     def g(x, y, batch):
-        prox = sum(((y[k] - x[k]) ** 2).sum() for k in y)
-        return F.cross_entropy(tb.nn.call(model, {}, y, batch[0]), batch[1]) + 0.5 * lam * prox
+        return f(x, y, batch) + prox(x, y, batch)
 
+    if output_loss:
+        g = tb.OutputLoss(logits, lambda out, x, batch: F.cross_entropy(out, batch[1]), prox)
     return tb.Bilevel(outer=f, inner=g)
 
 
@@ -214,7 +234,8 @@ class MetaLearner:
             self.fn = None
             return
         if method == "imaml":
-            problem, est = imaml_problem(model, cfg.imaml_lam), tb.aid(tb.cg(cfg.solver_steps))
+            problem = imaml_problem(model, cfg.imaml_lam, output_loss=cfg.imaml_curvature == "gauss_newton")
+            est = tb.aid(tb.cg(cfg.imaml_solver_steps), curvature=cfg.imaml_curvature)
             T, lr = cfg.imaml_steps, cfg.imaml_lr
         else:
             problem = anil_problem(model, cfg.reg)

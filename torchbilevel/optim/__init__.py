@@ -13,10 +13,11 @@ from .saba import SABAState, saba
 from .single_loop import SingleLoopState
 from .soba import soba
 from .srba import SRBAState, srba
+from .step_info import StepInfo, progress
 from .ttsa import TTSAState, ttsa
 from .vrbo import VRBOState, vrbo
 
 __all__ = ["Algorithm", "DoubleLoopState", "OuterState", "double_loop", "fdehbo", "fmbo", "SingleLoopState",
            "soba", "ma_soba", "mrbo", "MRBOState", "f2sa", "F2SAState", "bome", "BOMEState",
            "saba", "SABAState", "srba", "SRBAState", "amigo", "AmIGOState", "fsla", "FSLAState",
-           "ttsa", "TTSAState", "vrbo", "VRBOState"]
+           "ttsa", "TTSAState", "vrbo", "VRBOState", "StepInfo", "progress"]

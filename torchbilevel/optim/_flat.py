@@ -50,17 +50,19 @@ def init_flat(name: str, x, y, check_finite: bool, sharded: bool = False):
 
 
 def guarded(cls, body, problem):
-    """``step(s, inner_batch, outer_batch)`` running ``body`` with module buffers frozen
-    (the body opens ``torchbilevel.buffers.updating()`` around its one inner-gradient
-    evaluation), after the check that g depends on y; if it raises, the random stream is
-    rewound and the running statistics it moved are put back."""
-    def step(s, inner_batch, outer_batch):
+    """``step(s, inner_batch, outer_batch, has_aux=False)`` running ``body`` with module
+    buffers frozen (the body opens ``torchbilevel.buffers.updating()`` around its one
+    inner-gradient evaluation), after the check that g depends on y; if it raises, the
+    random stream is rewound and the running statistics it moved are put back.  ``body(s,
+    inner_batch, outer_batch, has_aux)`` returns the new state, or ``(state, StepInfo)``
+    when ``has_aux`` (:func:`torchbilevel.optim.step_info.reply`)."""
+    def step(s, inner_batch, outer_batch, has_aux: bool = False):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         sharded = s.layout_x.shards is not None or s.layout_y.shards is not None
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), sharded_step(sharded):
             inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
-            return body(s, inner_batch, outer_batch)
+            return body(s, inner_batch, outer_batch, has_aux)
     return step
 
 

@@ -8,6 +8,13 @@ from typing import Any, Callable, NamedTuple
 class Algorithm(NamedTuple):
     """``state = init(x, y)``; ``state = step(state, inner_batch, outer_batch)``.
 
+    ``state, info = step(state, inner_batch, outer_batch, has_aux=True)`` also returns a
+    :class:`torchbilevel.StepInfo`: what the step computed anyway (losses where it
+    evaluated them, the norm of the direction x moved along, the linear system's report,
+    FdeHBO's δ, whether the ball projection bound), as 0-d tensors, with no extra
+    evaluation and no host read; ``tb.progress(info)`` gives Python floats for a progress
+    bar from one host read.  Each algorithm's docstring says which point each figure is at.
+
     ``state_dict(state)`` returns a dict that ``torch.save`` writes (including the state
     of random generators the algorithm owns); ``load_state_dict(d)`` returns the state and
     restores those generators, so a resumed run continues bit-identically on CPU.

@@ -32,6 +32,7 @@ from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
+from .step_info import StepInfo, nonpositive, norm, reply, sgd_solve
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -81,6 +82,12 @@ def amigo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, v_steps: Optional
     Samples: T draws from ``inner_batch`` for y, one from ``outer_batch``, M from
     ``inner_batch`` for v and one for the mixed product.  Cost per step: T + M + 2
     gradient evaluations.  Returns an :class:`torchbilevel.Algorithm`.
+    ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``:
+    ``inner_loss`` g(x_t, y_{t,T−1}; ζ_T) (the last y step's evaluation, before that
+    step), ``outer_loss`` f(x_t, y_{t+1}; ψ_t), ``hypergrad_norm`` ‖∇x f − ∇xy g·v_{t+1}‖,
+    ``solve`` the M v steps' report (``step_info.sgd_solve``: the relative residual
+    ‖∇yy g·v − ∇y f‖/‖∇y f‖ at v_t on the first sample and at v_{t,M−1} on the last, the
+    iterates with vᵀ∇yy g v ≤ 0); data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -95,7 +102,7 @@ def amigo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, v_steps: Optional
         xf, yf, lx, ly = init_flat(name, x, y, check_finite)
         return AmIGOState(xf, yf, torch.zeros_like(yf), 0, lx, ly)
 
-    def body(s: AmIGOState, inner_batch, outer_batch) -> AmIGOState:
+    def body(s: AmIGOState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
@@ -104,27 +111,35 @@ def amigo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, v_steps: Optional
             y = s.yf
             for _ in range(inner_steps):                                     # Alg. 2: warm-started SGD on y
                 with B.updating():
-                    gy = gradient(g, s.xf, y, draw(inner_batch, "inner_batch"), argnums=1)[1][0]
+                    g_val, (gy,) = gradient(g, s.xf, y, draw(inner_batch, "inner_batch"), argnums=1)
                 G.record(_INNER, gy)
-                (gy,) = problem.average(gy)
+                gy, g_val = problem.average(gy, g_val)
                 y = y - beta * gy
-            _, (fx, fy) = gradient(f, s.xf, y, draw(outer_batch, "outer_batch"))
+            f_val, (fx, fy) = gradient(f, s.xf, y, draw(outer_batch, "outer_batch"))
             G.record(G.OUTER, fx, fy)
-            fx, fy = problem.average(fx, fy)
+            fx, fy, f_val = problem.average(fx, fy, f_val)
             v = s.vf
+            report = []        # has_aux: (‖r‖², vᵀHv ≤ 0) of each v step, r = Hv − ∇y f
             for _ in range(v_steps):                                         # Alg. 3: warm-started SGD on v
                 hv = hvp_flat(problem, lx, ly, s.xf, y, v, draw(inner_batch, "inner_batch"))
                 G.record(G.LINEAR, hv)
                 (hv,) = problem.average(hv)
-                v = v - lam * (hv - fy.to(v.dtype))
+                r = hv - fy.to(v.dtype)
+                if has_aux:
+                    report.append((r.pow(2).sum(), nonpositive(v, hv)))
+                v = v - lam * r
             jv = mixed_flat(problem, lx, ly, s.xf, y, v, draw(inner_batch, "inner_batch"))
             G.record(G.MIXED, jv)
             (jv,) = problem.average(jv)
-        x_new = s.xf - value_at(lr_x, t, "lr_x") * (fx.to(s.xf.dtype) - jv)
+        d_x = fx.to(s.xf.dtype) - jv
+        x_new = s.xf - value_at(lr_x, t, "lr_x") * d_x
         if check_finite:
             check_step(name, t, (x_new, y, v), trace, "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, vf=s.vf)
-        return AmIGOState(x_new, y, v, t + 1, lx, ly)
+        return reply(AmIGOState(x_new, y, v, t + 1, lx, ly), has_aux,
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(d_x), solve=sgd_solve(
+                         v_steps, report[0][0], report[-1][0], fy.to(v.dtype).pow(2).sum(),
+                         sum(bad.to(torch.int64) for _, bad in report))))
 
     state_dict, load_state_dict = checkpoint(AmIGOState, name)
     return Algorithm(init, guarded(AmIGOState, body, problem), state_dict, load_state_dict, name)

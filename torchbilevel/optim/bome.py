@@ -57,6 +57,7 @@ from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view, work_dtype
 from .algorithm import Algorithm
 from .schedule import value_at
+from .step_info import StepInfo, norm, reply
 
 _PATH = "the inner path θ_T (gradient steps on ∇y g)"
 _G = "the constraint gradient ∇q̂ (∇g at (x, y) and (x, θ_T))"
@@ -106,7 +107,10 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
             step produces NaN/inf; one host read per step.
 
     Returns an :class:`torchbilevel.Algorithm`; ``state.x``, ``state.y`` are dicts and
-    ``state.lam`` the last multiplier.
+    ``state.lam`` the last multiplier.  ``step(..., has_aux=True)`` returns ``(state,``
+    :class:`torchbilevel.StepInfo` ``)``: ``inner_loss`` g(x_t, y_t; ζ), ``outer_loss``
+    f(x_t, y_t; ψ) (the update's evaluations), ``hypergrad_norm`` ‖∇x f + λ_t ∇x q̂‖ (the x
+    part of the direction), ``multiplier`` λ_t; data parallel and sharded: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -123,7 +127,7 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         xf, yf, lx, ly = init_flat(name, x, y, check_finite, sharded=True)   # gradients only: runs sharded
         return BOMEState(xf, yf, 0, lx, ly, torch.zeros((), dtype=work_dtype(yf), device=yf.device))
 
-    def body(s: BOMEState, inner_batch, outer_batch) -> BOMEState:
+    def body(s: BOMEState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
@@ -146,7 +150,7 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
             G.record(_G, gx, gy, gx_th)
             fv, (fx, fy) = gradient(f, s.xf, s.yf, psi)
             G.record(_F, fx, fy)
-        gx, gy, gx_th, fx, fy, gv, gv_th = problem.average(gx, gy, gx_th, fx, fy, gv, gv_th)  # one all-reduce
+        gx, gy, gx_th, fx, fy, gv, gv_th, fv = problem.average(gx, gy, gx_th, fx, fy, gv, gv_th, fv)  # one all-reduce
         work = work_dtype(s.yf)
         qx, qy = (gx - gx_th).to(work), gy.to(work)
         d = S.dots((qx, qx, lx), (qy, qy, ly), (fx.to(work), qx, lx), (fy.to(work), qy, ly))  # sharded: one all-reduce
@@ -155,12 +159,14 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         phi_t = eta * (n2 if phi_rule == "grad_norm" else (gv - gv_th).to(work))
         lam = torch.where(n2 > 0, torch.clamp(phi_t - dot, min=0.0) / torch.where(n2 > 0, n2, 1.0),
                           torch.zeros_like(n2))
-        x_new = torch.add(s.xf, (fx.to(work) + lam * qx).to(s.xf.dtype), alpha=-value_at(lr_x, t, "lr_x"))
+        d_x = fx.to(work) + lam * qx
+        x_new = torch.add(s.xf, d_x.to(s.xf.dtype), alpha=-value_at(lr_x, t, "lr_x"))
         y_new = torch.add(s.yf, (fy.to(work) + lam * qy).to(s.yf.dtype), alpha=-value_at(lr_y, t, "lr_y"))
         if check_finite:
             check_step(name, t, (x_new, y_new, lam), trace,
                        "the update (step sizes too large: the iterates overflowed)", xf=s.xf, yf=s.yf)
-        return BOMEState(x_new, y_new, t + 1, lx, ly, lam)
+        return reply(BOMEState(x_new, y_new, t + 1, lx, ly, lam), has_aux, lambda: StepInfo(
+            inner_loss=gv, outer_loss=fv, hypergrad_norm=norm(d_x.to(s.xf.dtype), lx), multiplier=lam))
 
     state_dict, load_state_dict = checkpoint(BOMEState, name)
     return Algorithm(init, guarded(BOMEState, body, problem), state_dict, load_state_dict, name)

@@ -66,6 +66,7 @@ from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
+from .step_info import StepInfo, norm, reply
 
 _PATH = "the inner loop's gradients ∇y g at y and z"
 _FY = "the outer gradient ∇y f (inner loop)"
@@ -122,6 +123,10 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
 
     ``init(x, y, z=None)`` starts z at y unless given.  Returns an
     :class:`torchbilevel.Algorithm`; ``state.lam`` is the λ of the next step.
+    ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``
+    from the x step's evaluations: ``inner_loss`` g(x_k, z_{k+1}; φ_x) (z tracks y*(x_k)),
+    ``outer_loss`` f(x_k, y_{k+1}; ζ_x), ``hypergrad_norm`` ‖∇x f + λ_k(∇x g(y_{k+1}) −
+    ∇x g(z_{k+1}))‖, ``multiplier`` λ_k; data parallel and sharded: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -170,7 +175,7 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
             zf = T.ravel_like(ly, z).to(yf.dtype).clone()
         return F2SAState(xf, yf, zf, 0, lx, ly, lam_at(0, 0.0))
 
-    def body(s: F2SAState, inner_batch, outer_batch) -> F2SAState:
+    def body(s: F2SAState, inner_batch, outer_batch, has_aux: bool = False):
         k = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
@@ -200,19 +205,22 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
             phi_x, zeta_x = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
             # one sample φ_x, one random stream at (x, y_{k+1}) and (x, z_{k+1})
             # (gradients in both arguments, of which the x part is used: f or g may ignore x)
-            gx_y, gx_z = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x)[1][0],
-                                                    lambda: gradient(g, xf, zf, phi_x)[1][0]])
+            (_, (gx_y, _)), (g_z, (gx_z, _)) = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x),
+                                                                          lambda: gradient(g, xf, zf, phi_x)])
             G.record(_G, gx_y, gx_z)
-            fx = gradient(f, xf, yf, zeta_x)[1][0]
+            f_val, (fx, _) = gradient(f, xf, yf, zeta_x)
             G.record(_F, fx)
-        gx_y, gx_z, fx = problem.average(gx_y, gx_z, fx)               # one all-reduce
+        gx_y, gx_z, fx, g_z, f_val = problem.average(gx_y, gx_z, fx, g_z, f_val)   # one all-reduce
         d_x = torch.add(fx, torch.sub(gx_y, gx_z), alpha=lam)
         x_new = torch.add(xf, d_x, alpha=-value_at(lr_x, k, "lr_x"))
         if check_finite:
             check_step(name, k, (x_new, yf, zf), trace,
                        "the update (step sizes too large or the penalty λ too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, zf=s.zf)
-        return F2SAState(x_new, yf, zf, k + 1, lx, ly, lam_at(k + 1, lam))
+        return reply(F2SAState(x_new, yf, zf, k + 1, lx, ly, lam_at(k + 1, lam)), has_aux, lambda: StepInfo(
+            inner_loss=g_z, outer_loss=f_val, hypergrad_norm=norm(d_x, lx),
+            multiplier=torch.tensor(lam, dtype=torch.float64 if xf.dtype == torch.float64 else torch.float32,
+                                    device=xf.device)))
 
     state_dict, load_state_dict = checkpoint(F2SAState, name)
     return Algorithm(init, guarded(F2SAState, body, problem), state_dict, load_state_dict, name)

@@ -89,7 +89,19 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
         An :class:`torchbilevel.Algorithm`: ``state = algo.init(x, y)``,
         ``state = algo.step(state, inner_batch, outer_batch)``; ``state.x``, ``state.y``,
         ``state.v`` are dicts; ``algo.state_dict(state)`` / ``algo.load_state_dict(d)``
-        checkpoint it.
+        checkpoint it.  ``state, info = algo.step(state, inner_batch, outer_batch,
+        has_aux=True)`` also returns a :class:`torchbilevel.StepInfo` of figures the step
+        computed anyway (no extra evaluation, no host read; ``tb.progress(info)`` for a
+        progress bar): ``inner_loss`` g(x_t, y_t; ζ_t) — when ∇y g comes from the ± pair
+        (ζ_t = ψ_t, no running statistics, eager: not under torch.compile or torch.func
+        transforms), the pair's mean (g(y_t + δ_t v_t) + g(y_t − δ_t v_t))/2 = g(y_t) + O(δ²)
+        on ψ_t; ``outer_loss`` f(x_t, y_t; ψ_t);
+        ``hypergrad_norm`` ‖h^f_t‖ (the momentum direction x moves along); ``delta`` δ_t;
+        ``projected`` whether ‖w_{t+1}‖ > r; ``v_norm`` ‖w_{t+1}‖ (v before projection);
+        ``solve`` the linear system at v_t on ψ_t (relative residual ‖H̃v_t − ∇y f‖/‖∇y f‖
+        with the step's finite-difference H̃v_t, whether v_tᵀH̃v_t ≤ 0; see
+        ``torchbilevel.optim.step_info.one_step_solve``).  With a data-parallel problem the
+        losses are means over ranks.
     """
     return single_loop(problem, fd=True, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
                        eta_v=eta_v, radius=radius, delta=delta, backend=backend, batched=batched,
@@ -151,7 +163,10 @@ def fmbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
         An :class:`torchbilevel.Algorithm`: ``state = algo.init(x, y)``,
         ``state = algo.step(state, inner_batch, outer_batch)``; ``state.x``, ``state.y``,
         ``state.v`` are dicts; ``algo.state_dict(state)`` / ``algo.load_state_dict(d)``
-        checkpoint it.
+        checkpoint it.  ``algo.step(..., has_aux=True)`` returns ``(state, StepInfo)`` as
+        FdeHBO's (``inner_loss`` g(x_t, y_t; ζ_t), ``outer_loss`` f(x_t, y_t; ψ_t),
+        ``hypergrad_norm`` ‖h^f_t‖, ``projected``, ``v_norm``, ``solve`` with the exact
+        ∇yy g·v_t), without ``delta``.
     """
     return single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
                        eta_v=eta_v, radius=radius, delta=None, backend=backend, batched=None,

@@ -36,6 +36,7 @@ from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .amigo import hvp_flat, mixed_flat
 from .schedule import value_at
+from .step_info import StepInfo, norm, one_step_solve, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -72,7 +73,12 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
 
     Samples: ζ_t, ζ'_t from ``inner_batch``, ψ_t, ψ'_t from ``outer_batch``, then ζ''_t
     (benchmark_bilevel's order).  Cost per step: 7 gradient evaluations (5 at the first).
-    Returns an :class:`torchbilevel.Algorithm`.
+    Returns an :class:`torchbilevel.Algorithm`.  ``step(..., has_aux=True)`` returns
+    ``(state,`` :class:`torchbilevel.StepInfo` ``)``: ``inner_loss`` g(x_t, y_t; ζ_t) (the
+    y step's evaluation), ``outer_loss`` f(x_t, y_{t+1}; ψ_t) (the v step's ∇y f),
+    ``hypergrad_norm`` ‖h_t‖ (the momentum direction x moves along), ``solve`` the v step's
+    report at v_t (‖∇yy g·v_t − ∇y f‖/‖∇y f‖ at (x_t, y_{t+1}) on ζ'_t, ψ_t; v_tᵀ∇yy g v_t ≤ 0);
+    data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -86,7 +92,7 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
         xf, yf, lx, ly = init_flat(name, x, y, check_finite)
         return FSLAState(xf, yf, torch.zeros_like(yf), torch.zeros_like(xf), xf, 0, lx, ly)
 
-    def body(s: FSLAState, inner_batch, outer_batch) -> FSLAState:
+    def body(s: FSLAState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         first = t == 0
         lx, ly = s.layout_x, s.layout_y
@@ -94,16 +100,16 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
         with G.tracing(check_finite) as trace, second_order(name):
             zeta = draw(inner_batch, "inner_batch")
             with B.updating():
-                gy = gradient(g, s.xf, s.yf, zeta, argnums=1)[1][0]
+                g_val, (gy,) = gradient(g, s.xf, s.yf, zeta, argnums=1)
             G.record(_INNER, gy)
-            (gy,) = problem.average(gy)
+            gy, g_val = problem.average(gy, g_val)
             y = s.yf - value_at(lr_y, t, "lr_y") * gy
             zeta2, psi = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
             hv = hvp_flat(problem, lx, ly, s.xf, y, s.vf, zeta2)
             G.record(G.LINEAR, hv)
-            fy = gradient(f, s.xf, y, psi, argnums=1)[1][0]
+            f_val, (fy,) = gradient(f, s.xf, y, psi, argnums=1)
             G.record(G.OUTER, fy)
-            hv, fy = problem.average(hv, fy)
+            hv, fy, f_val = problem.average(hv, fy, f_val)
             v = s.vf - value_at(lr_v, t, "lr_v") * (hv - fy.to(hv.dtype))
             psi2, zeta3 = draw(outer_batch, "outer_batch"), draw(inner_batch, "inner_batch")
 
@@ -127,7 +133,9 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
         if check_finite:
             check_step(name, t, (x_new, y, v), trace, "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, vf=s.vf, h=s.h)
-        return FSLAState(x_new, y, v, h, s.xf, t + 1, lx, ly)
+        return reply(FSLAState(x_new, y, v, h, s.xf, t + 1, lx, ly), has_aux,
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(h),
+                                      solve=one_step_solve(s.vf, hv, fy)))
 
     state_dict, load_state_dict = checkpoint(FSLAState, name)
     return Algorithm(init, guarded(FSLAState, body, problem), state_dict, load_state_dict, name)

@@ -34,6 +34,7 @@ import torch
 from ..problem import check_unit, in_functorch_transform
 from .schedule import value_at
 from .single_loop import SingleLoopState
+from .step_info import norm, reply
 from .soba import _DOC_ARGS, fresh_single_loop
 
 ORDERS = ("paper", "current")
@@ -46,6 +47,11 @@ def ma_soba(problem, *, lr_x, lr_y, lr_v, momentum=0.9, order: str = "paper", ra
     of the paper; a number in [0, 1) or a callable of t).  ``order``: ``"paper"`` (x steps
     along h_k, then D_k enters the average) or ``"current"`` (the average includes D_k
     before the step).  ``radius``: projection of v on a ball (default ∞, none).
+
+    ``step(state, inner_batch, outer_batch, has_aux=True)`` returns ``(state,``
+    :class:`torchbilevel.StepInfo` ``)``: as SOBA's (g(x_t, y_t; ζ_t), f(x_t, y_t; ψ_t),
+    ‖w_{t+1}‖, whether the projection on the ball bound), with ``hypergrad_norm`` the norm
+    of the average x moves along (h_k, or h_{k+1} with ``order="current"``).
     """
     momentum = check_unit(momentum, "momentum", allow_schedule=True)
     if not callable(momentum) and momentum >= 1.0:
@@ -58,10 +64,11 @@ def ma_soba(problem, *, lr_x, lr_y, lr_v, momentum=0.9, order: str = "paper", ra
                                       independent_outer_sample=independent_outer_sample,
                                       check_finite=check_finite, name=name, radius=radius)
 
-    def step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
+    def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step if isinstance(s, SingleLoopState) else 0
         alpha = value_at(lr_x, t, "lr_x")
-        new = step_at(s, inner_batch, outer_batch, alpha)   # y, v: SOBA; new.h_f = D_t
+        new = step_at(s, inner_batch, outer_batch, alpha, has_aux)   # y, v: SOBA; new.h_f = D_t
+        new, info = new if has_aux else (new, None)
         d = new.h_f
         keep = 0.0 if t == 0 else value_at(momentum, t, "momentum", unit=True)
         avg = lambda h: torch.lerp(d, h, keep) if keep else d        # momentum·h + (1−momentum)·D
@@ -74,7 +81,8 @@ def ma_soba(problem, *, lr_x, lr_y, lr_v, momentum=0.9, order: str = "paper", ra
         if check_finite and not in_functorch_transform() and not bool(torch.isfinite(x_new.float().sum())):
             raise FloatingPointError(f"{name} step {t}: NaN/inf arose in the outer update (step size lr_x too "
                                      "large: x overflowed); the state passed in is unchanged")
-        return new._replace(xf=x_new, h_f=h_next)
+        return reply(new._replace(xf=x_new, h_f=h_next), has_aux,
+                     lambda: info._replace(hypergrad_norm=norm(h_now, new.layout_x)))
 
     return base._replace(step=step)
 

@@ -50,6 +50,7 @@ from ..problem import check_positive, check_problem, check_steps, check_unit, dr
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
+from .step_info import StepInfo, norm, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -97,7 +98,12 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
     Samples: each step draws ζ (y update) from ``inner_batch``, then D_F from
     ``outer_batch`` and B_1..B_Q, D_G from ``inner_batch`` (when iterators), and uses them
     at both points.  Returns an :class:`torchbilevel.Algorithm`; ``state.x``, ``state.y``
-    are dicts.
+    are dicts.  ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo`
+    ``)``: ``inner_loss`` g(x_t, y_t; ζ) (the y gradient's evaluation), ``outer_loss``
+    f(x_t, y_t; D_F) (the stocBiO estimate's), ``hypergrad_norm`` ‖h^x_t‖ (the momentum
+    direction x moves along), ``solve`` the stocBiO estimate's report at z_t (its Neumann
+    series as a fixed-point solve, see :func:`torchbilevel.stocbio`); data parallel: means
+    over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -116,7 +122,7 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
         z = lambda t: torch.zeros_like(t)
         return MRBOState(xf, yf, z(xf), z(yf), xf, yf, 0, lx, ly)
 
-    def body(s: MRBOState, inner_batch, outer_batch) -> MRBOState:
+    def body(s: MRBOState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         first = t == 0
         lx, ly = s.layout_x, s.layout_y
@@ -130,19 +136,19 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
 
         def at(xf, yf, current):
             with (B.updating() if current else contextlib.nullcontext()):
-                gy = gradient(g, xf, yf, zeta, argnums=1)[1][0]               # ∇y g(z; ζ)
+                g_val, (gy,) = gradient(g, xf, yf, zeta, argnums=1)           # ∇y g(z; ζ)
             G.record(_INNER, gy)
-            dx, _ = est.estimate(problem, lx.unravel(xf), ly.unravel(yf),
-                                 iter(samples) if fresh else inner_batch, d_f)   # ∇̄f(z; S)
-            return gy, T.ravel_like(lx, dx)
+            dx, aux = est.estimate(problem, lx.unravel(xf), ly.unravel(yf),
+                                   iter(samples) if fresh else inner_batch, d_f)   # ∇̄f(z; S)
+            return gy, T.ravel_like(lx, dx), g_val, aux
 
         with G.tracing(check_finite) as trace:
             # one sample = one batch and one random stream at both points
             rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(*p, i == 0) for i, p in enumerate(points)])
-        gys, dxs = (list(c) for c in zip(*rows))
+        gys, dxs, g_vals, auxes = (list(c) for c in zip(*rows))
         if first:
             gys, dxs = gys * 2, dxs * 2                                   # prev = cur: plain gradients
-        gys = list(problem.average(*gys))                                 # one all-reduce (estimates: averaged)
+        *gys, g_val = problem.average(*gys, g_vals[0])                    # one all-reduce (estimates: averaged)
         e = (lambda sch, nm: 1.0) if first else (lambda sch, nm: value_at(sch, t, nm, unit=True))
         zx, zy = torch.zeros_like(dxs[0]), torch.zeros_like(gys[0])
         x_new, h_x = K.outer_update(s.xf, s.h_x, torch.stack([dxs[0], dxs[1], zx, zx]).to(s.xf.dtype),
@@ -155,7 +161,9 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
             check_step(name, t, (x_new, y_new), trace,
                        "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, h_x=s.h_x, h_y=s.h_y)
-        return MRBOState(x_new, y_new, h_x, h_y, s.xf, s.yf, t + 1, lx, ly)
+        return reply(MRBOState(x_new, y_new, h_x, h_y, s.xf, s.yf, t + 1, lx, ly), has_aux,
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=auxes[0].outer_loss, hypergrad_norm=norm(h_x),
+                                      solve=auxes[0].solve))
 
     state_dict, load_state_dict = checkpoint(MRBOState, name)
     return Algorithm(init, guarded(MRBOState, body, problem), state_dict, load_state_dict, name)

@@ -45,6 +45,7 @@ from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
+from .step_info import StepInfo, norm, one_step_solve, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -109,25 +110,32 @@ class Pairs:
         return i, b
 
 
-def inner_row(problem, lx, ly, xf, yf, vf, batch, update_buffers: bool) -> Tensor:
-    """[∇y g, ∇yy g·v, ∇xy g·v] at (x, y, v) on ``batch``, flat (dim y + dim y + dim x);
-    running statistics move only when ``update_buffers``."""
+def inner_row(problem, lx, ly, xf, yf, vf, batch, update_buffers: bool):
+    """([∇y g, ∇yy g·v, ∇xy g·v] at (x, y, v) on ``batch``, flat (dim y + dim y + dim x),
+    g(x, y; batch)); running statistics move only when ``update_buffers``."""
     g = flat_fn(problem.inner, lx, ly)
     with (B.updating() if update_buffers else contextlib.nullcontext()):
-        gy = gradient(g, xf, yf, batch, argnums=1)[1][0]                 # ∇y g
+        g_val, (gy,) = gradient(g, xf, yf, batch, argnums=1)             # ∇y g
     G.record(_INNER, gy)
     jv, hv = exact_products(g, xf, yf, vf, batch)                        # one backward of ⟨∇y g, v⟩
     G.record(G.LINEAR, hv)
     G.record(G.MIXED, jv)
-    return torch.cat([gy, hv.to(gy.dtype), jv.to(gy.dtype)])
+    return torch.cat([gy, hv.to(gy.dtype), jv.to(gy.dtype)]), g_val
 
 
-def outer_row(problem, lx, ly, xf, yf, batch) -> Tensor:
-    """[∇y f, ∇x f] at (x, y) on ``batch``, flat."""
+def outer_row(problem, lx, ly, xf, yf, batch):
+    """([∇y f, ∇x f] at (x, y) on ``batch``, flat; f(x, y; batch))."""
     f = flat_fn(problem.outer, lx, ly)
-    _, (fx, fy) = gradient(f, xf, yf, batch)
+    f_val, (fx, fy) = gradient(f, xf, yf, batch)
     G.record(G.OUTER, fx, fy)
-    return torch.cat([fy, fx.to(fy.dtype)])
+    return torch.cat([fy, fx.to(fy.dtype)]), f_val
+
+
+def solve_report(vf: Tensor, d_g: Tensor, d_f: Tensor):
+    """The linear system's report (:func:`torchbilevel.optim.step_info.one_step_solve`) at v
+    from the SOBA-shaped directions: their ∇yy g·v and ∇y f parts."""
+    dy = vf.numel()
+    return one_step_solve(vf, d_g[dy:2 * dy], d_f[:dy])
 
 
 def split_rows(d_g: Tensor, d_f: Tensor, dy: int):
@@ -139,12 +147,12 @@ def split_rows(d_g: Tensor, d_f: Tensor, dy: int):
 
 
 def pair_step(cls, body, problem, name: str, sizes):
-    """``step(s, inner_batch, outer_batch)`` for the finite-sum methods (SABA, SRBA): type
-    and size checks of the state (``sizes(s)`` returns (n_inner, n_outer) it was built
-    for), then ``body(s, inner_pairs, outer_pairs)`` with module buffers frozen, products'
-    double-backward failures named, and on error the random stream and running statistics
-    put back."""
-    def step(s, inner_batch, outer_batch):
+    """``step(s, inner_batch, outer_batch, has_aux=False)`` for the finite-sum methods (SABA,
+    SRBA): type and size checks of the state (``sizes(s)`` returns (n_inner, n_outer) it
+    was built for), then ``body(s, inner_pairs, outer_pairs, has_aux)`` (the new state, or
+    ``(state, StepInfo)``) with module buffers frozen, products' double-backward failures
+    named, and on error the random stream and running statistics put back."""
+    def step(s, inner_batch, outer_batch, has_aux: bool = False):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         (n_in, n_out), (m_in, m_out) = sizes(None), sizes(s)
@@ -155,7 +163,7 @@ def pair_step(cls, body, problem, name: str, sizes):
             ip = Pairs(inner_batch, "inner_batch", n_in, "n_inner",
                        check=lambda b: problem.check_inner_uses_y(s.x, s.y, b))
             op = Pairs(outer_batch, "outer_batch", n_out, "n_outer")
-            return body(s, ip, op)
+            return body(s, ip, op, has_aux)
     return step
 
 
@@ -176,6 +184,12 @@ def saba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, check_finite:
     [0, n_inner) / [0, n_outer)); one pair of each per step.  Cost per step: about 4
     gradient evaluations (∇y g, one product backward, ∇f), as SOBA.  Returns an
     :class:`torchbilevel.Algorithm`; ``state.x``, ``state.y``, ``state.v`` are dicts.
+    ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``:
+    ``inner_loss`` g_i(x_t, y_t) and ``outer_loss`` f_j(x_t, y_t) on the step's minibatches
+    i, j, ``hypergrad_norm`` ‖D^f_x − D^g_{xy·v}‖ (the SAGA direction x moves along),
+    ``solve`` the v step's report at v_t from the SAGA estimates of ∇yy g·v_t and ∇y f
+    (relative residual ‖D^g_{yy·v} − D^f_y‖/‖D^f_y‖, vᵀ(D^g_{yy·v}) ≤ 0); data parallel:
+    means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -196,29 +210,33 @@ def saba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, check_finite:
     def sizes(s):
         return (n_inner, n_outer) if s is None else (s.mem_g.shape[0], s.mem_f.shape[0])
 
-    def body(s: SABAState, inner: Pairs, outer: Pairs) -> SABAState:
+    def body(s: SABAState, inner: Pairs, outer: Pairs, has_aux: bool = False):
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         i, bi = inner.draw()
         j, bj = outer.draw()
         with G.tracing(check_finite) as trace:
-            r_g = inner_row(problem, lx, ly, s.xf, s.yf, s.vf, bi, update_buffers=True)
-            r_f = outer_row(problem, lx, ly, s.xf, s.yf, bj)
-        r_g, r_f = (r.to(s.yf.dtype) for r in problem.average(r_g, r_f))    # one all-reduce
+            r_g, g_val = inner_row(problem, lx, ly, s.xf, s.yf, s.vf, bi, update_buffers=True)
+            r_f, f_val = outer_row(problem, lx, ly, s.xf, s.yf, bj)
+        r_g, r_f, g_val, f_val = problem.average(r_g, r_f, g_val, f_val)    # one all-reduce
+        r_g, r_f = r_g.to(s.yf.dtype), r_f.to(s.yf.dtype)
         diff_g, diff_f = r_g - s.mem_g[i], r_f - s.mem_f[j]
         d_g, d_f = diff_g + s.avg_g, diff_f + s.avg_f                         # SAGA directions
         gy, dv, dx = split_rows(d_g, d_f, s.yf.numel())
         y_new = s.yf - value_at(lr_y, t, "lr_y") * gy
         v_new = s.vf - value_at(lr_v, t, "lr_v") * dv
-        x_new = s.xf - value_at(lr_x, t, "lr_x") * dx.to(s.xf.dtype)
+        dx = dx.to(s.xf.dtype)
+        x_new = s.xf - value_at(lr_x, t, "lr_x") * dx
         if check_finite:
             check_step(name, t, (x_new, y_new, v_new), trace,
                        "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, vf=s.vf, mem_g=s.mem_g, mem_f=s.mem_f)
         mem_g = s.mem_g.index_copy(0, torch.tensor([i], device=r_g.device), r_g[None])
         mem_f = s.mem_f.index_copy(0, torch.tensor([j], device=r_f.device), r_f[None])
-        return SABAState(x_new, y_new, v_new, mem_g, mem_f, s.avg_g + diff_g / n_inner, s.avg_f + diff_f / n_outer,
-                         t + 1, lx, ly)
+        new = SABAState(x_new, y_new, v_new, mem_g, mem_f, s.avg_g + diff_g / n_inner, s.avg_f + diff_f / n_outer,
+                        t + 1, lx, ly)
+        return reply(new, has_aux, lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(dx),
+                                                    solve=solve_report(s.vf, d_g, d_f)))
 
     state_dict, load_state_dict = checkpoint(SABAState, name)
     return Algorithm(init, pair_step(SABAState, body, problem, name, sizes), state_dict, load_state_dict, name)

@@ -40,6 +40,7 @@ from ..problem import (check_params, check_positive, check_problem, check_unit, 
 from .algorithm import Algorithm
 from .single_loop_state import RADIUS_WINDOW, SingleLoopState, checkpoint
 from .schedule import value_at
+from .step_info import StepInfo, norm, one_step_solve, reply
 
 
 def _flat(fn, lx, ly):
@@ -57,6 +58,7 @@ class _Evaluations(NamedTuple):
     gx_prod: Tensor  # (2, p): ∇xy g·v at cur, prev (FD eq. (11) for FdeHBO, exact for FMBO)
     fx: Tensor      # (2, p): ∇x f at cur, prev
     fy: Tensor      # (2, d): ∇y f at cur, prev
+    losses: Optional[Tensor] = None   # (2,): g(cur; ζ) (or the ± pair's mean), f(cur; ψ)
 
 
 def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, radius,
@@ -210,46 +212,48 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             # current iterate; every other evaluation of the step leaves buffers as they are
             if not pair_gy:
                 with (B.updating() if current else contextlib.nullcontext()):
-                    gy = gradient(g, xf, yf, zeta, argnums=1)[1][0]                # ∇y g(·; ζ)
-            _, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                           # ∇f(·; ψ)
+                    g_val, (gy,) = gradient(g, xf, yf, zeta, argnums=1)            # ∇y g(·; ζ)
+            f_val, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                       # ∇f(·; ψ)
             if xi_f is not psi_f:
                 fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]                  # ∇x f(·; ξ̄)
             if fd:
                 # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
                 both = xi_g is psi_g
-                # a sharded v: is it zero over every rank (a rank's shard may be empty)
-                nz = S.global_sqnorms(ly, vf)[0] != 0 if ly.shards is not None else None
                 pr = fd_products(g, xf, yf, vf, psi_g, delta=dl, batched=pair_mode[0],
-                                 wrt=(0, 1) if both else (1,), with_grad_y=pair_gy, nonzero=nz)
+                                 wrt=(0, 1) if both else (1,), with_grad_y=pair_gy,
+                                 exact_zero=ly.shards is None)   # a zero local shard ≠ a zero v
                 if pair_gy:
-                    gy = pr.grad_y
+                    gy, g_val = pr.grad_y, pr.value
                 if pr.batched is False:
                     pair_mode[0] = False       # a vmap fallback is remembered for the run
                 hv_i = pr.hvp
                 jv_i = pr.mixed if both else fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=pair_mode[0],
-                                                         wrt=(0,), nonzero=nz).mixed
+                                                         wrt=(0,), exact_zero=ly.shards is None).mixed
             else:
                 jv_i, hv_i = exact_products(g, xf, yf, vf, psi_g)                  # one backward
                 if xi_g is not psi_g:
                     jv_i = exact_products(g, xf, yf, vf, xi_g)[0]
-            return gy, fx_i, fy_i, hv_i, jv_i
+            work = torch.promote_types(g_val.dtype, f_val.dtype)
+            return gy, fx_i, fy_i, hv_i, jv_i, torch.stack([g_val.to(work), f_val.to(work)])
 
         # one sample = one batch and one random stream: the current and the previous
         # iterate replay the same dropout masks on ζ, ψ (and ξ̄), as eq. (6), (7), (10) need
         if use_func_mechanism():
             # under torch.func transforms / torch.compile: pure (no writes into a buffer)
             rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
-            gy, fx, fy, hv, jv = (list(col) for col in zip(*rows))
+            gy, fx, fy, hv, jv, losses = (list(col) for col in zip(*rows))
             stack = lambda rows: torch.stack(rows if len(rows) == 2 else rows * 2)   # prev = cur: t = 0, η = 1
-            return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy)), pair_mode[0]
+            return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy), losses[0]), pair_mode[0]
         # the kernels' stacked rows, allocated once and written as each evaluation returns,
         # so an evaluation's gradients are freed as soon as they are copied (no list of
         # rows, stack and concatenation beside each other: 8 extra vectors of x at peak)
         rows_y = s.yf.new_empty((6,) + tuple(s.yf.shape))     # gy, gy', Hv, Hv', fy, fy'
         rows_x = s.xf.new_empty((4,) + tuple(s.xf.shape))     # fx, fx', Jv, Jv'
+        losses = []
 
         def into_rows(i, point):
-            gy, fx_i, fy_i, hv_i, jv_i = at(point, i == 0)
+            gy, fx_i, fy_i, hv_i, jv_i, loss = at(point, i == 0)
+            losses.append(loss)
             for j in ((0, 1) if len(points) == 1 else (i,)):   # prev = cur: t = 0, or every η = 1
                 rows_y[j].copy_(gy)
                 rows_y[2 + j].copy_(hv_i)
@@ -258,7 +262,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 rows_x[2 + j].copy_(jv_i)
 
         R.replaying(R.capture(s.xf), [lambda p=p, i=i: into_rows(i, p) for i, p in enumerate(points)])
-        return _Evaluations(rows_y[0:2], rows_y[2:4], rows_x[2:4], rows_x[0:2], rows_y[4:6]), pair_mode[0]
+        return _Evaluations(rows_y[0:2], rows_y[2:4], rows_x[2:4], rows_x[0:2], rows_y[4:6], losses[0]), pair_mode[0]
 
     def stack_rows(ev: _Evaluations):
         """The stacked gradient buffers of torchbilevel.kernels (products layout, fd=False):
@@ -299,10 +303,13 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             return True
         return False
 
-    def step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
+    def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
         """One step of Alg. 1 (FdeHBO) / Alg. 2 (FMBO); returns the new state, never
         modifies ``s`` (a FloatingPointError leaves it usable, and the random stream where
-        it was)."""
+        it was).  ``has_aux=True`` returns ``(state, StepInfo)``: g(x_t, y_t; ζ_t) (FdeHBO
+        taking ∇y g from the ± pair: the pair's mean (g(y_t+δv_t) + g(y_t−δv_t))/2 on ψ_t = ζ_t),
+        f(x_t, y_t; ψ_t), ‖h^f_t‖, δ_t (FdeHBO), whether the projection bound, ‖w_{t+1}‖, and
+        the linear system's report at v_t on ψ_t (``step_info.one_step_solve``)."""
         if not isinstance(s, SingleLoopState):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), \
@@ -310,9 +317,9 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
             if fd and (s.pair_mode is None or s.gy_from_pair is None) and not in_functorch_transform():
                 s, inner_batch = decide(s, inner_batch)
-            return _step(s, inner_batch, outer_batch)
+            return _step(s, inner_batch, outer_batch, has_aux)
 
-    def _step(s: SingleLoopState, inner_batch, outer_batch) -> SingleLoopState:
+    def _step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         first = t == 0
         d_cur = fd_step(s.yf, s.vf, s.layout_y) if fd else 1.0
@@ -322,6 +329,8 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
         rows_y, rows_x = stack_rows(ev)
+        # the linear system's report at v_t, read before the update (which may reuse v_t's buffer)
+        solve = one_step_solve(s.vf, ev.gy_prod[0], ev.fy[0], s.layout_y) if has_aux else None
         # "The first step, with no previous iterate, uses the plain stochastic gradients":
         # η = 1 zeroes the momentum bracket (prev rows equal cur rows there).
         e = (lambda sch, nm: 1.0) if first else (lambda sch, nm: value_at(sch, t, nm, unit=True))
@@ -351,9 +360,15 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                                                          for k in ("xf", "yf", "vf", "h_f", "h_g", "h_R")})
                 raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; "
                                          "the state passed in is unchanged")
-        return SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
-                               d_cur, t + 1, s.layout_x, s.layout_y, hits, recent,
-                               pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=warned)
+        new = SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
+                              d_cur, t + 1, s.layout_x, s.layout_y, hits, recent,
+                              pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=warned)
+        return reply(new, has_aux, lambda: StepInfo(
+            inner_loss=ev.losses[0], outer_loss=ev.losses[1], hypergrad_norm=norm(h_f, s.layout_x),
+            delta=torch.as_tensor(d_cur, dtype=torch.float64 if s.yf.dtype == torch.float64 else torch.float32,
+                                  device=s.yf.device) if fd else None,
+            projected=w_sq > radius * radius, v_norm=w_sq.sqrt(),
+            solve=solve))
 
     state_dict, load_state_dict = checkpoint(name)
 

@@ -57,7 +57,7 @@ def fresh_single_loop(problem, *, lr_x, lr_y, lr_v, backend: str, independent_ou
     evaluates the current iterate only (the momentum brackets would be multiplied by 0), so
     a step costs half an FMBO step with momentum.
 
-    Returns (algorithm, step_at) where ``step_at(s, inner_batch, outer_batch, lr_x)`` is the
+    Returns (algorithm, step_at) where ``step_at(s, inner_batch, outer_batch, lr_x, has_aux)`` is the
     engine's step (``lr_x`` is accepted for MA-SOBA, which replaces the x update by its
     own, and ignored: the engine's x step uses the schedule given here).  ``radius``: the
     engine's projection of v on a ball (∞: none).
@@ -66,8 +66,8 @@ def fresh_single_loop(problem, *, lr_x, lr_y, lr_v, backend: str, independent_ou
                        radius=radius, delta=None, backend=backend, batched=None,
                        independent_outer_sample=independent_outer_sample, check_finite=check_finite, name=name)
 
-    def step_at(s: SingleLoopState, inner_batch, outer_batch, alpha: float) -> SingleLoopState:
-        return algo.step(s, inner_batch, outer_batch)
+    def step_at(s: SingleLoopState, inner_batch, outer_batch, alpha: float, has_aux: bool = False):
+        return algo.step(s, inner_batch, outer_batch, has_aux=has_aux)
     return algo, step_at
 
 
@@ -75,7 +75,14 @@ def soba(problem, *, lr_x, lr_y, lr_v, backend: str = "auto", independent_outer_
          check_finite: bool = True):
     """SOBA (Dagréou et al., NeurIPS 2022): single-loop SGD on y, v and x at the current
     iterate; equal to ``tb.fmbo(..., eta_x=1, eta_y=1, eta_v=1, radius=float('inf'))`` at
-    half its cost per step (no previous-iterate evaluation)."""
+    half its cost per step (no previous-iterate evaluation).
+
+    ``step(state, inner_batch, outer_batch, has_aux=True)`` returns ``(state,``
+    :class:`torchbilevel.StepInfo` ``)``: ``inner_loss`` g(x_t, y_t; ζ_t) and ``outer_loss``
+    f(x_t, y_t; ψ_t) (the y update's and the outer gradient's evaluations), ``hypergrad_norm``
+    ‖∇x f − ∇xy g·v_t‖ on ψ_t (the direction x moves along), ``v_norm`` ‖v_{t+1}‖,
+    ``projected`` False (no projection), ``solve`` the v step's report at v_t on ψ_t
+    (relative residual ‖∇yy g·v_t − ∇y f‖/‖∇y f‖, whether v_tᵀ∇yy g v_t ≤ 0)."""
     algo, _ = fresh_single_loop(problem, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, backend=backend,
                                 independent_outer_sample=independent_outer_sample,
                                 check_finite=check_finite, name="soba")

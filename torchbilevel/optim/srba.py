@@ -39,8 +39,9 @@ from .. import tree as T
 from ..problem import check_positive, check_problem, check_steps
 from ._flat import check_step, checkpoint, init_flat, view
 from .algorithm import Algorithm
-from .saba import Pairs, inner_row, outer_row, pair_step, split_rows
+from .saba import Pairs, inner_row, outer_row, pair_step, solve_report, split_rows
 from .schedule import value_at
+from .step_info import StepInfo, norm, reply
 
 
 class SRBAState(NamedTuple):
@@ -81,6 +82,15 @@ def every_index(pairs: Pairs) -> dict:
                      "minibatch (pass a stream that visits all of them, e.g. shuffled epochs)")
 
 
+def mean_row(rows):
+    """The means of the (row, value) pairs ``rows`` (an iterable, summed as it goes: one row
+    held at a time), as (mean row, mean value)."""
+    n, row, value = 0, 0, 0
+    for r, v in rows:
+        n, row, value = n + 1, row + r, value + v
+    return row / n, value / n
+
+
 def srba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, period: Optional[int] = None,
          check_finite: bool = True) -> Algorithm:
     """SRBA (Dagréou et al., AISTATS 2024, Alg. 1): SOBA with SARAH variance reduction over
@@ -99,7 +109,12 @@ def srba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, period: Optio
     Batches: ``(i, batch)`` pairs, one of each per SARAH step; a full-sum step draws until
     every index has been seen.  Cost: 8 gradient evaluations per SARAH step (SOBA's 4 at
     two points), 3·n_inner + n_outer per full-sum step.  Returns an
-    :class:`torchbilevel.Algorithm`.
+    :class:`torchbilevel.Algorithm`.  ``step(..., has_aux=True)`` returns ``(state,``
+    :class:`torchbilevel.StepInfo` ``)``: ``inner_loss`` and ``outer_loss`` at (x_t, y_t) —
+    the full sums g and f at a full-sum step (the mean over the minibatches), g_i and f_j
+    on the step's minibatches at a SARAH step — and ``hypergrad_norm`` ‖D^f_x − D^g_{xy·v}‖
+    (the SARAH direction x moves along), ``solve`` the v step's report at v_t from the
+    SARAH estimates of ∇yy g·v_t and ∇y f (as SABA's); data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -121,16 +136,17 @@ def srba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, period: Optio
     def sizes(s):
         return (n_inner, n_outer) if s is None else (s.n_inner, s.n_outer)
 
-    def body(s: SRBAState, inner: Pairs, outer: Pairs) -> SRBAState:
+    def body(s: SRBAState, inner: Pairs, outer: Pairs, has_aux: bool = False):
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         with G.tracing(check_finite) as trace:
             if t % period == 0:
                 bis, bjs = every_index(inner), every_index(outer)
-                r_g = sum(inner_row(problem, lx, ly, s.xf, s.yf, s.vf, bis[i], update_buffers=(i == 0))
-                          for i in range(n_inner)) / n_inner
-                r_f = sum(outer_row(problem, lx, ly, s.xf, s.yf, bjs[j]) for j in range(n_outer)) / n_outer
-                d_g, d_f = (r.to(s.yf.dtype) for r in problem.average(r_g, r_f))    # one all-reduce
+                r_g, g_val = mean_row(inner_row(problem, lx, ly, s.xf, s.yf, s.vf, bis[i], update_buffers=(i == 0))
+                                      for i in range(n_inner))
+                r_f, f_val = mean_row(outer_row(problem, lx, ly, s.xf, s.yf, bjs[j]) for j in range(n_outer))
+                r_g, r_f, g_val, f_val = problem.average(r_g, r_f, g_val, f_val)    # one all-reduce
+                d_g, d_f = r_g.to(s.yf.dtype), r_f.to(s.yf.dtype)
             else:
                 _, bi = inner.draw()
                 _, bj = outer.draw()
@@ -140,19 +156,23 @@ def srba(problem, *, lr_x, lr_y, lr_v, n_inner: int, n_outer: int, period: Optio
                     return inner_row(problem, lx, ly, xf, yf, vf, bi, current), outer_row(problem, lx, ly, xf, yf, bj)
 
                 # one sample = one batch and one random stream at both points
-                (g1, f1), (g0, f0) = R.replaying(R.capture(s.xf), [lambda p=p, k=k: at(*p, k == 0)
-                                                                    for k, p in enumerate(points)])
-                dg, df = (r.to(s.yf.dtype) for r in problem.average(g1 - g0, f1 - f0))   # one all-reduce
+                ((g1, g_val), (f1, f_val)), ((g0, _), (f0, _)) = R.replaying(
+                    R.capture(s.xf), [lambda p=p, k=k: at(*p, k == 0) for k, p in enumerate(points)])
+                dg, df, g_val, f_val = problem.average(g1 - g0, f1 - f0, g_val, f_val)   # one all-reduce
+                dg, df = dg.to(s.yf.dtype), df.to(s.yf.dtype)
                 d_g, d_f = s.d_g + dg, s.d_f + df
         gy, dv, dx = split_rows(d_g, d_f, s.yf.numel())
         y_new = s.yf - value_at(lr_y, t, "lr_y") * gy
         v_new = s.vf - value_at(lr_v, t, "lr_v") * dv
-        x_new = s.xf - value_at(lr_x, t, "lr_x") * dx.to(s.xf.dtype)
+        dx = dx.to(s.xf.dtype)
+        x_new = s.xf - value_at(lr_x, t, "lr_x") * dx
         if check_finite:
             check_step(name, t, (x_new, y_new, v_new), trace,
                        "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, vf=s.vf, d_g=s.d_g, d_f=s.d_f)
-        return SRBAState(x_new, y_new, v_new, s.xf, s.yf, s.vf, d_g, d_f, t + 1, n_inner, n_outer, lx, ly)
+        new = SRBAState(x_new, y_new, v_new, s.xf, s.yf, s.vf, d_g, d_f, t + 1, n_inner, n_outer, lx, ly)
+        return reply(new, has_aux, lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(dx),
+                                                    solve=solve_report(s.vf, d_g, d_f)))
 
     state_dict, load_state_dict = checkpoint(SRBAState, name)
     return Algorithm(init, pair_step(SRBAState, body, problem, name, sizes), state_dict, load_state_dict, name)

@@ -37,6 +37,7 @@ from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .amigo import hvp_flat, mixed_flat
 from .schedule import value_at
+from .step_info import StepInfo, norm, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -85,6 +86,10 @@ def ttsa(problem, *, lr_x, lr_y, neumann_steps: int = 10, eta: Optional[float] =
     Samples: ζ_t from ``inner_batch`` (y step and mixed product), ψ_t from
     ``outer_batch``, then p draws from ``inner_batch`` for the series.  Cost per step:
     3 + p gradient evaluations ((Q + 5)/2 on average).  Returns an :class:`torchbilevel.Algorithm`.
+    ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``:
+    ``inner_loss`` g(x_t, y_t; ζ_t) (the y step's evaluation), ``outer_loss``
+    f(x_t, y_{t+1}; ψ_t), ``hypergrad_norm`` ‖∇x f − ∇xy g·v_t‖ (the direction before the
+    step size α_t); data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -104,7 +109,7 @@ def ttsa(problem, *, lr_x, lr_y, neumann_steps: int = 10, eta: Optional[float] =
         xf, yf, lx, ly = init_flat(name, x, y, check_finite)
         return TTSAState(xf, yf, torch.Generator().manual_seed(seed).get_state(), 0, lx, ly)
 
-    def body(s: TTSAState, inner_batch, outer_batch) -> TTSAState:
+    def body(s: TTSAState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
@@ -114,13 +119,13 @@ def ttsa(problem, *, lr_x, lr_y, neumann_steps: int = 10, eta: Optional[float] =
         with G.tracing(check_finite) as trace, second_order(name):
             zeta = draw(inner_batch, "inner_batch")
             with B.updating():
-                gy = gradient(g, s.xf, s.yf, zeta, argnums=1)[1][0]
+                g_val, (gy,) = gradient(g, s.xf, s.yf, zeta, argnums=1)
             G.record(_INNER, gy)
-            (gy,) = problem.average(gy)
+            gy, g_val = problem.average(gy, g_val)
             y = s.yf - value_at(lr_y, t, "lr_y") / (t + 1) ** decay_y * gy
-            _, (fx, fy) = gradient(f, s.xf, y, draw(outer_batch, "outer_batch"))
+            f_val, (fx, fy) = gradient(f, s.xf, y, draw(outer_batch, "outer_batch"))
             G.record(G.OUTER, fx, fy)
-            fx, fy = problem.average(fx, fy)
+            fx, fy, f_val = problem.average(fx, fy, f_val)
             v = fy.to(y.dtype)
             for _ in range(p):                                              # Π (I − η ∇yy g(ζ_k)) ∇y f
                 hv = hvp_flat(problem, lx, ly, s.xf, y, v, draw(inner_batch, "inner_batch"))
@@ -131,11 +136,13 @@ def ttsa(problem, *, lr_x, lr_y, neumann_steps: int = 10, eta: Optional[float] =
             jv = mixed_flat(problem, lx, ly, s.xf, y, v, zeta)
             G.record(G.MIXED, jv)
             (jv,) = problem.average(jv)
-        x_new = s.xf - value_at(lr_x, t, "lr_x") / (t + 1) ** decay_x * (fx.to(s.xf.dtype) - jv)
+        d_x = fx.to(s.xf.dtype) - jv
+        x_new = s.xf - value_at(lr_x, t, "lr_x") / (t + 1) ** decay_x * d_x
         if check_finite:
             check_step(name, t, (x_new, y), trace, "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf)
-        return TTSAState(x_new, y, gen.get_state(), t + 1, lx, ly)
+        return reply(TTSAState(x_new, y, gen.get_state(), t + 1, lx, ly), has_aux,
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(d_x)))
 
     state_dict, load_state_dict = checkpoint(TTSAState, name)
     return Algorithm(init, guarded(TTSAState, body, problem), state_dict, load_state_dict, name)

@@ -49,6 +49,7 @@ from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
+from .step_info import StepInfo, norm, reply
 
 _INNER = "the inner gradient ∇y g (y update)"
 
@@ -90,6 +91,11 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
     Samples (iterators): per inner step ζ from ``inner_batch``, D_F from ``outer_batch``,
     then B_1..B_Q, D_G from ``inner_batch``.  Cost per step: 2m(Q + 3) gradient evaluations
     (+ large_batches·(Q + 3) at a restart).  Returns an :class:`torchbilevel.Algorithm`.
+    ``step(..., has_aux=True)`` returns ``(state,`` :class:`torchbilevel.StepInfo` ``)``:
+    ``inner_loss`` g(x_{t+1}, y_{t,m}; ζ) and ``outer_loss`` f(x_{t+1}, y_{t,m}; D_F) at
+    the last inner step's new point on its sample (the stocBiO estimate's f), with
+    ``solve`` that estimate's report (its Neumann series, see :func:`torchbilevel.stocbio`),
+    and ``hypergrad_norm`` ‖w‖ for the estimate x moved along; data parallel: means over ranks.
     """
     check_problem(problem)
     lr_x = check_positive(lr_x, "lr_x", allow_schedule=True)
@@ -106,7 +112,7 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
         xf, yf, lx, ly = init_flat(name, x, y, check_finite)
         return VRBOState(xf, yf, torch.zeros_like(yf), torch.zeros_like(xf), xf, yf, 0, lx, ly)
 
-    def body(s: VRBOState, inner_batch, outer_batch) -> VRBOState:
+    def body(s: VRBOState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         g = flat_fn(problem.inner, lx, ly)
@@ -121,11 +127,11 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
         def at(xf, yf, smp, current):
             zeta, d_f, rest = smp
             with (B.updating() if current else contextlib.nullcontext()):
-                gy = gradient(g, xf, yf, zeta, argnums=1)[1][0]                  # ∇y g(z; ζ)
+                g_val, (gy,) = gradient(g, xf, yf, zeta, argnums=1)              # ∇y g(z; ζ)
             G.record(_INNER, gy)
-            dx, _ = est.estimate(problem, lx.unravel(xf), ly.unravel(yf),
-                                 iter(rest) if fresh else inner_batch, d_f)        # ∇̄f(z; S)
-            return gy, T.ravel_like(lx, dx)
+            dx, aux = est.estimate(problem, lx.unravel(xf), ly.unravel(yf),
+                                   iter(rest) if fresh else inner_batch, d_f)      # ∇̄f(z; S)
+            return gy, T.ravel_like(lx, dx), g_val, aux
 
         with G.tracing(check_finite) as trace, second_order(name):
             if t % period == 0:                                                # restart on S_1
@@ -135,22 +141,25 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
                 ax, ay = s.xf, s.yf
             else:
                 u, w, ax, ay = s.u, s.w, s.x_anchor, s.y_anchor
-            x_new = s.xf - value_at(lr_x, t, "lr_x") * w.to(s.xf.dtype)
+            w_x = w.to(s.xf.dtype)
+            x_new = s.xf - value_at(lr_x, t, "lr_x") * w_x
             beta = value_at(lr_y, t, "lr_y")
             y = s.yf
             for _ in range(inner_steps):
                 smp = sample()
                 # one sample = one batch and one random stream at both points
-                (g1, w1), (g0, w0) = R.replaying(R.capture(s.xf), [lambda: at(x_new, y, smp, True),
-                                                                   lambda: at(ax, ay, smp, False)])
-                g1, g0 = problem.average(g1, g0)
+                (g1, w1, g_val, aux), (g0, w0, _, _) = R.replaying(
+                    R.capture(s.xf), [lambda: at(x_new, y, smp, True), lambda: at(ax, ay, smp, False)])
+                g1, g0, g_val = problem.average(g1, g0, g_val)
                 u, w = u + (g1 - g0), w + (w1 - w0)
                 ax, ay = x_new, y
                 y = y - beta * u.to(y.dtype)
         if check_finite:
             check_step(name, t, (x_new, y, w), trace, "the update (step sizes too large: the iterates overflowed)",
                        xf=s.xf, yf=s.yf, u=s.u, w=s.w)
-        return VRBOState(x_new, y, u.to(s.yf.dtype), w.to(s.xf.dtype), ax, ay, t + 1, lx, ly)
+        return reply(VRBOState(x_new, y, u.to(s.yf.dtype), w.to(s.xf.dtype), ax, ay, t + 1, lx, ly), has_aux,
+                     lambda: StepInfo(inner_loss=g_val, outer_loss=aux.outer_loss, hypergrad_norm=norm(w_x),
+                                      solve=aux.solve))
 
     state_dict, load_state_dict = checkpoint(VRBOState, name)
     return Algorithm(init, guarded(VRBOState, body, problem), state_dict, load_state_dict, name)
