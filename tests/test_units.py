@@ -39,8 +39,8 @@ def model():
 
 class Live:
     """Bytes of gathered tensors alive now, and their peak: the output storage of every
-    all-gather (``torch.distributed.all_gather_into_tensor``, and ``DTensor.full_tensor`` for
-    any other path), followed until it is freed."""
+    all-gather (``torch.distributed.all_gather_single`` / ``all_gather_into_tensor``, and
+    ``DTensor.full_tensor`` for any other path), followed until it is freed."""
 
     def __init__(self):
         self.now = self.peak = 0
@@ -55,24 +55,26 @@ class Live:
         self.now -= n
 
     def __enter__(self):
+        import torchbilevel.units as U
         from torch.distributed.tensor import DTensor
-        self.orig = orig_ft, orig_ag = DTensor.full_tensor, dist.all_gather_into_tensor
+        self.orig = orig_ft, orig_ag = DTensor.full_tensor, U._ALL_GATHER
 
         def full_tensor(d, *a, **k):
             out = orig_ft(d, *a, **k)
             self._track(out)
             return out
 
-        def all_gather_into_tensor(out, *a, **k):
+        def all_gather(out, *a, **k):
             res = orig_ag(out, *a, **k)
             self._track(out)
             return res
-        DTensor.full_tensor, dist.all_gather_into_tensor = full_tensor, all_gather_into_tensor
+        DTensor.full_tensor, U._ALL_GATHER = full_tensor, all_gather
         return self
 
     def __exit__(self, *exc):
+        import torchbilevel.units as U
         from torch.distributed.tensor import DTensor
-        DTensor.full_tensor, dist.all_gather_into_tensor = self.orig
+        DTensor.full_tensor, U._ALL_GATHER = self.orig
 
 
 def problem(net):

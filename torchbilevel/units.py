@@ -67,6 +67,13 @@ def _rows(d) -> Optional[tuple]:
     return mesh.get_group(), n, -(-rows // n), rows
 
 
+# torch >= 2.10 names them all_gather_single / reduce_scatter_single (the *_tensor names warn)
+_ALL_GATHER = getattr(torch.distributed, "all_gather_single", None) or getattr(torch.distributed,
+                                                                              "all_gather_into_tensor", None)
+_REDUCE_SCATTER = getattr(torch.distributed, "reduce_scatter_single", None) or getattr(torch.distributed,
+                                                                                     "reduce_scatter_tensor", None)
+
+
 def _all_gather(local: Tensor, group, world: int, chunk: int, rows: int) -> Tensor:
     """The full tensor from each rank's ``local`` rows: padded to ``chunk`` rows, one
     synchronous all_gather_into_tensor, the padding cut off (FSDP2 pads the same way)."""
@@ -74,7 +81,7 @@ def _all_gather(local: Tensor, group, world: int, chunk: int, rows: int) -> Tens
     if local.shape[0] != chunk:
         local = torch.cat([local, local.new_zeros((chunk - local.shape[0],) + tail)])
     out = local.new_empty((world * chunk,) + tail)
-    torch.distributed.all_gather_into_tensor(out, local.contiguous(), group=group)
+    _ALL_GATHER(out, local.contiguous(), group=group)
     return out[:rows] if rows != world * chunk else out
 
 
@@ -94,7 +101,7 @@ class _Gather(torch.autograd.Function):
         if rows != world * chunk:
             grad = torch.cat([grad, grad.new_zeros((world * chunk - rows,) + tuple(grad.shape[1:]))])
         out = grad.new_empty((chunk,) + tuple(grad.shape[1:]))
-        torch.distributed.reduce_scatter_tensor(out, grad, group=group)
+        _REDUCE_SCATTER(out, grad, group=group)
         return out[:mine], None, None, None, None
 
 

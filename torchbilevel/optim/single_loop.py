@@ -269,9 +269,12 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         rows_y = [gy_cur, gy_prev, Hv_cur, Hv_prev, fy_cur, fy_prev],
         rows_x = [fx_cur, fx_prev, Jv_cur, Jv_prev]; the buffers themselves when ``ev`` holds
         views of them (:func:`evaluate`), no copy."""
-        if ev.gy._base is not None and ev.gy._base is ev.gy_prod._base is ev.fy._base \
-                and ev.fx._base is not None and ev.fx._base is ev.gx_prod._base:
-            return ev.gy._base, ev.fx._base
+        by, bx = ev.gy._base, ev.fx._base
+        if (by is not None and bx is not None and by.dim() == 2 and by.shape[0] == 6 and bx.dim() == 2
+                and bx.shape[0] == 4 and ev.gy.data_ptr() == by.data_ptr()
+                and ev.gy_prod.data_ptr() == by[2].data_ptr() and ev.fy.data_ptr() == by[4].data_ptr()
+                and ev.fx.data_ptr() == bx.data_ptr() and ev.gx_prod.data_ptr() == bx[2].data_ptr()):
+            return by, bx          # the row buffers of evaluate (not views of another buffer)
         rows_y = torch.cat([ev.gy, ev.gy_prod, ev.fy]).to(ev.gy.dtype)
         rows_x = torch.cat([ev.fx, ev.gx_prod]).to(ev.fx.dtype)
         return rows_y.contiguous(), rows_x.contiguous()
