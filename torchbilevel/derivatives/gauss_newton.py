@@ -14,7 +14,7 @@ statistics are the same for every product of a solve.
 from __future__ import annotations
 
 import torch
-from torch.func import grad, vjp
+from torch.func import grad, grad_and_value, vjp
 
 from ..tracing import use_func_mechanism
 from .exact import Linearization
@@ -87,7 +87,7 @@ def _func_gn(inner, x, y, batch) -> Linearization:
     _, lpull = vjp(grad(lambda o: inner.loss(o, x, batch)), out)                   # ∇²loss in output space
     reg = inner.regularizer
     rpull = vjp(lambda yy: grad(reg, argnums=1)(x, yy, batch), y)[1] if reg is not None else None
-    gy, xpull = vjp(lambda xx: grad(inner, argnums=1)(xx, y, batch), x)
+    gy, xpull, val = vjp(lambda xx: grad_and_value(inner, argnums=1)(xx, y, batch), x, has_aux=True)
 
     def hvp(v):
         Gv = pull(lpull(jpull(v)[0])[0])[0]
@@ -96,7 +96,7 @@ def _func_gn(inner, x, y, batch) -> Linearization:
             Gv = {k: Gv[k] + Rv[k] for k in Gv}
         return Gv
 
-    return Linearization(gy, hvp, lambda v: xpull(v)[0])
+    return Linearization(gy, hvp, lambda v: xpull(v)[0], val)
 
 
 def gauss_newton_linearize(inner, x, y, batch, mode: str = "auto") -> Linearization:
