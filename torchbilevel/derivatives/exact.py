@@ -103,12 +103,18 @@ def linearize(g, x, y, batch, mode: str = "auto") -> Linearization:
             ``torch.func.vjp`` and composes with ``vmap``; ``"auto"`` picks ``"func"``
             inside torch.func transforms and under torch.compile, ``"autograd"`` otherwise.
     """
+    return dispatch(mode, _autograd_linearization, _func_linearization)(g, x, y, batch)
+
+
+def dispatch(mode: str, autograd_impl, func_impl):
+    """The implementation ``mode`` names: ``"autograd"``, ``"func"``, or ``"auto"`` (func
+    inside torch.func transforms and under torch.compile, autograd otherwise)."""
     if mode == "auto":
         mode = "func" if use_func_mechanism() else "autograd"
     if mode == "autograd":
-        return _autograd_linearization(g, x, y, batch)
+        return autograd_impl
     if mode == "func":
-        return _func_linearization(g, x, y, batch)
+        return func_impl
     raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, grad_and_value, vjp
 
-from ..tracing import use_func_mechanism
-from .exact import Linearization
+from .exact import Linearization, dispatch
 
 __all__ = ["gauss_newton_linearize"]
 
@@ -103,10 +102,4 @@ def gauss_newton_linearize(inner, x, y, batch, mode: str = "auto") -> Linearizat
     """A :class:`Linearization` whose ``hvp`` is the Gauss-Newton product G v and whose
     ``mixed`` is the exact ∇xy g·v, for ``inner`` an :class:`torchbilevel.OutputLoss`.
     ``mode`` as for :func:`torchbilevel.derivatives.linearize`."""
-    if mode == "auto":
-        mode = "func" if use_func_mechanism() else "autograd"
-    if mode == "autograd":
-        return _autograd_gn(inner, x, y, batch)
-    if mode == "func":
-        return _func_gn(inner, x, y, batch)
-    raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
+    return dispatch(mode, _autograd_gn, _func_gn)(inner, x, y, batch)
