@@ -9,3 +9,17 @@ import os
 
 if os.environ.get("TB_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (experiment-sized runs: steady timing, no
+    oversubscription of the 2-core CI machine); ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

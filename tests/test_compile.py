@@ -63,6 +63,8 @@ def test_fdehbo_step_is_sync_free_one_graph_and_matches_eager():
     # the plain first step; then the step counter becomes a dynamic integer).  The run's
     # first-step decisions (pair mode, ∇y g from the pair) are taken at init from a sample,
     # eagerly: otherwise they would be a graph break at the first step.
+    torch._dynamo.reset()                       # count this test's graphs only (other files compile too)
+    torch._dynamo.utils.counters.clear()
     prob, x, y, b = problem()
     algo = tb.fdehbo(prob, lr_x=0.1, lr_y=0.3, lr_v=0.3, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=5.0,
                      delta=1e-4, check_finite=False)

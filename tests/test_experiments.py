@@ -23,12 +23,7 @@ TINY_HC = dict(n_train=300, n_val=200, n_test=200, steps=6, seconds=None, eval_e
                baseline_steps=6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_rows(record, labels, metric_names):

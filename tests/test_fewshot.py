@@ -17,12 +17,7 @@ TINY = dict(ways=3, shots=1, queries=2, meta_batch=2, width=4, steps=2, seconds=
             eval_seconds=None, eval_tasks=2, test_tasks=4, inner_steps=2, solver_steps=2, imaml_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rotated_classes_are_rotations_of_the_digits():

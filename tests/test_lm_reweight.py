@@ -19,12 +19,7 @@ TINY = dict(n_bytes=4000, context=16, batch_size=2, val_batch=2, eval_windows=8,
             layers=1, heads=2, steps=4, seconds=None, eval_every=2, eval_seconds=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ def nc():
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reweighting_cnn_itd_finds_wrong_labels_and_plain_cg_warns(nc):

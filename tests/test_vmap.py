@@ -53,8 +53,9 @@ def task(tree, i):
 def test_vmap_over_tasks_equals_loop(name):
     x, ys, ib, ob = tasks()
     hg = tb.hypergrad(PROBLEM, ESTIMATORS[name], has_aux=True)
-    # ITD's aux.v and aux.solve are None: vmap needs out_dims=None for those leaves
-    out_dims = (0, tb.HypergradAux(0, None if name == "itd" else 0, 0, None if name == "itd" else 0))
+    # ITD's aux.v, aux.solve and aux.inner_loss are None: vmap needs out_dims=None for those leaves
+    solved = None if name == "itd" else 0
+    out_dims = (0, tb.HypergradAux(0, solved, 0, solved, solved))
     dx, aux = vmap(hg, in_dims=(None, 0, 0, 0), out_dims=out_dims)(x, ys, ib, ob)
     plain = vmap(tb.hypergrad(PROBLEM, ESTIMATORS[name]), in_dims=(None, 0, 0, 0))(x, ys, ib, ob)
     if name != "itd":                       # the solve's report (AID, stocBiO) is per task, as tensors

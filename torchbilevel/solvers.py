@@ -41,20 +41,21 @@ class IndefiniteSystemError(ArithmeticError):
 class SolveInfo(NamedTuple):
     """What a linear solve did (0-d tensors; no host read to build them).
 
-    iterations: iterations that updated v (CG stops counting at a truncation).
-    residual: ‖b − A v‖ / ‖b‖ at the returned v (A includes the damping; CG and fixed
-        point track it by their recurrences at no extra product — right to ~1e-15 before
-        convergence, below rounding once converged, where the true residual stalls at
-        ~1e-16 relative; Nyström spends one product, and
-        its residual says how well rank k explains the system: large for a low rank,
-        which is no failure of that method).
-    start_residual: the same at the starting point (1 for v0 = 0).
-    nonpositive_curvature: iterations whose search direction p had pᵀAp ≤ 0 (CG: the
-        direction; fixed point: the residual r, rᵀAr ≤ 0; Nyström: non-positive
-        eigenvalues of the sampled k×k block).  Any such count means A is not positive
-        definite where the solve ran: the implicit-function formula's assumption fails.
-    truncated: whether the solve stopped at the first non-positive curvature
-        (``indefinite="truncate"``).
+    Attributes:
+        iterations: iterations that updated v (CG stops counting at a truncation).
+        residual: ‖b − A v‖ / ‖b‖ at the returned v (A includes the damping). CG and fixed
+            point track it by their recurrences at no extra product: right to ~1e-15 before
+            convergence, below rounding once converged, where the true residual stalls at
+            ~1e-16 relative. Nyström spends one product, and its residual says how well
+            rank k explains the system: large for a low rank, which is no failure of that
+            method.
+        start_residual: the same at the starting point (1 for v0 = 0).
+        nonpositive_curvature: iterations whose search direction p had pᵀAp ≤ 0 (CG: the
+            direction; fixed point: the residual r, rᵀAr ≤ 0; Nyström: non-positive
+            eigenvalues of the sampled k×k block). Any such count means A is not positive
+            definite where the solve ran: the implicit-function formula's assumption fails.
+        truncated: whether the solve stopped at the first non-positive curvature
+            (``indefinite="truncate"``).
     """
     iterations: Tensor
     residual: Tensor

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.func import grad, vjp
+from torch.func import grad, grad_and_value, vjp
 
 from .. import tree as T
 from ..tracing import use_func_mechanism
@@ -78,7 +78,8 @@ def _autograd_linearization(g, x, y, batch) -> Linearization:
 def _func_linearization(g, x, y, batch) -> Linearization:
     # torch.func mechanism: composes with vmap/grad (used inside transforms).
     gy_fn = lambda xx, yy: grad(g, argnums=1)(xx, yy, batch)
-    gy, vjp_y = vjp(lambda yy: gy_fn(x, yy), y)
+    # g's value comes with the gradient (grad_and_value as the vjp's aux): no extra forward
+    gy, vjp_y, val = vjp(lambda yy: grad_and_value(g, argnums=1)(x, yy, batch), y, has_aux=True)
     cache = {}
 
     def hvp(v):
@@ -89,7 +90,7 @@ def _func_linearization(g, x, y, batch) -> Linearization:
             cache["vjp_x"] = vjp(lambda xx: gy_fn(xx, y), x)[1]
         return cache["vjp_x"](v)[0]
 
-    return Linearization(gy, hvp, mixed)
+    return Linearization(gy, hvp, mixed, val)
 
 
 def linearize(g, x, y, batch, mode: str = "auto") -> Linearization:
@@ -102,12 +103,18 @@ def linearize(g, x, y, batch, mode: str = "auto") -> Linearization:
             ``torch.func.vjp`` and composes with ``vmap``; ``"auto"`` picks ``"func"``
             inside torch.func transforms and under torch.compile, ``"autograd"`` otherwise.
     """
+    return dispatch(mode, _autograd_linearization, _func_linearization)(g, x, y, batch)
+
+
+def dispatch(mode: str, autograd_impl, func_impl):
+    """The implementation ``mode`` names: ``"autograd"``, ``"func"``, or ``"auto"`` (func
+    inside torch.func transforms and under torch.compile, autograd otherwise)."""
     if mode == "auto":
         mode = "func" if use_func_mechanism() else "autograd"
     if mode == "autograd":
-        return _autograd_linearization(g, x, y, batch)
+        return autograd_impl
     if mode == "func":
-        return _func_linearization(g, x, y, batch)
+        return func_impl
     raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
 
 

@@ -14,10 +14,9 @@ statistics are the same for every product of a solve.
 from __future__ import annotations
 
 import torch
-from torch.func import grad, vjp
+from torch.func import grad, grad_and_value, vjp
 
-from ..tracing import use_func_mechanism
-from .exact import Linearization
+from .exact import Linearization, dispatch
 
 __all__ = ["gauss_newton_linearize"]
 
@@ -87,7 +86,7 @@ def _func_gn(inner, x, y, batch) -> Linearization:
     _, lpull = vjp(grad(lambda o: inner.loss(o, x, batch)), out)                   # ∇²loss in output space
     reg = inner.regularizer
     rpull = vjp(lambda yy: grad(reg, argnums=1)(x, yy, batch), y)[1] if reg is not None else None
-    gy, xpull = vjp(lambda xx: grad(inner, argnums=1)(xx, y, batch), x)
+    gy, xpull, val = vjp(lambda xx: grad_and_value(inner, argnums=1)(xx, y, batch), x, has_aux=True)
 
     def hvp(v):
         Gv = pull(lpull(jpull(v)[0])[0])[0]
@@ -96,17 +95,11 @@ def _func_gn(inner, x, y, batch) -> Linearization:
             Gv = {k: Gv[k] + Rv[k] for k in Gv}
         return Gv
 
-    return Linearization(gy, hvp, lambda v: xpull(v)[0])
+    return Linearization(gy, hvp, lambda v: xpull(v)[0], val)
 
 
 def gauss_newton_linearize(inner, x, y, batch, mode: str = "auto") -> Linearization:
     """A :class:`Linearization` whose ``hvp`` is the Gauss-Newton product G v and whose
     ``mixed`` is the exact ∇xy g·v, for ``inner`` an :class:`torchbilevel.OutputLoss`.
     ``mode`` as for :func:`torchbilevel.derivatives.linearize`."""
-    if mode == "auto":
-        mode = "func" if use_func_mechanism() else "autograd"
-    if mode == "autograd":
-        return _autograd_gn(inner, x, y, batch)
-    if mode == "func":
-        return _func_gn(inner, x, y, batch)
-    raise ValueError(f"mode must be 'auto', 'autograd' or 'func', got {mode!r}")
+    return dispatch(mode, _autograd_gn, _func_gn)(inner, x, y, batch)

@@ -12,16 +12,17 @@ from ..solvers import SolveInfo
 class HypergradAux(NamedTuple):
     """Auxiliary output of a hypergradient estimate (what a warm start needs).
 
-    y: the inner iterate the estimate used (after the estimator's own inner steps for
-       ITD and PZOBO; the given y for AID and stocBiO).
-    v: the linear-system solution (AID, stocBiO's v_Q), or None.
-    outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
-    solve: what the linear solve did (:class:`torchbilevel.solvers.SolveInfo`: iterations,
-       relative residual, iterations that met non-positive curvature) for AID and stocBiO's
-       Neumann series, else None.
-    inner_loss: g(x, y; batch) where the estimate evaluated it anyway (0-d tensor; AID: at
-       the given y on the inner batch, from the forward that builds ∇y g's graph; stocBiO:
-       at the given y on its first inner sample), else None.
+    Attributes:
+        y: the inner iterate the estimate used (after the estimator's own inner steps for
+            ITD and PZOBO; the given y for AID and stocBiO).
+        v: the linear-system solution (AID, stocBiO's v_Q), or None.
+        outer_loss: f(x, y; batch) at that inner iterate, as a 0-d tensor.
+        solve: what the linear solve did (:class:`torchbilevel.SolveInfo`: iterations,
+            relative residual, iterations that met non-positive curvature) for AID and
+            stocBiO's Neumann series, else None.
+        inner_loss: g(x, y; batch) where the estimate evaluated it anyway (0-d tensor; AID:
+            at the given y on the inner batch, from the forward that builds ∇y g's graph;
+            stocBiO: at the given y on its first inner sample), else None.
     """
     y: T.Tree
     v: Optional[T.Tree]

@@ -82,7 +82,8 @@ def soba(problem, *, lr_x, lr_y, lr_v, backend: str = "auto", independent_outer_
     f(x_t, y_t; ψ_t) (the y update's and the outer gradient's evaluations), ``hypergrad_norm``
     ‖∇x f − ∇xy g·v_t‖ on ψ_t (the direction x moves along), ``v_norm`` ‖v_{t+1}‖,
     ``projected`` False (no projection), ``solve`` the v step's report at v_t on ψ_t
-    (relative residual ‖∇yy g·v_t − ∇y f‖/‖∇y f‖, whether v_tᵀ∇yy g v_t ≤ 0)."""
+    (relative residual ‖∇yy g·v_t − ∇y f‖/‖∇y f‖, whether v_tᵀ∇yy g v_t ≤ 0).
+    """
     algo, _ = fresh_single_loop(problem, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, backend=backend,
                                 independent_outer_sample=independent_outer_sample,
                                 check_finite=check_finite, name="soba")

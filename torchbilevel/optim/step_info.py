@@ -23,33 +23,34 @@ __all__ = ["StepInfo", "progress", "reply", "norm", "tree_norm", "sgd_solve", "n
 class StepInfo(NamedTuple):
     """What one step computed (0-d tensors on the step's device, or None).
 
-    inner_loss: g at a point the step evaluated anyway, on that evaluation's sample — for
-        most methods g(x_t, y_t; ζ_t) from the y update's gradient at the current iterate
-        (each algorithm's docstring says which point).  With a data-parallel problem
-        (``tb.distributed.data_parallel``) the losses are means over ranks (they join an
-        all-reduce the step makes anyway), except the double loop's inner loss from
-        stocBiO's linearisation (this rank's value); sharded runs report the global value.
-    outer_loss: f at a point the step evaluated anyway (as inner_loss).
-    hypergrad_norm: ‖d‖ for the direction d the outer iterate moved along,
-        x_{t+1} = x_t − α_t d: the method's hypergradient estimate *after* its own
-        variance reduction (FdeHBO's h^f_t, MRBO's STORM momentum, SABA's SAGA
-        direction), and in ``tb.double_loop`` the estimator's hypergradient *before* the
-        outer rule (SGD or Adam).
-    solve: the linear solve's :class:`torchbilevel.solvers.SolveInfo`: the double loop with
-        ``tb.aid`` or ``tb.stocbio`` (its Neumann series), MRBO and VRBO (their stocBiO
-        estimate's); for the methods that take gradient steps on the linear system (FdeHBO,
-        FMBO, SOBA, MA-SOBA, SABA, SRBA, FSLA, AmIGO) the report of those steps
-        (:func:`sgd_solve`); None where no linear system is solved (F2SA, BOME, ITD, PZOBO,
-        first order) and for TTSA (its randomly truncated series).
-    delta: FdeHBO's finite-difference step δ_t at the current iterate.
-    projected: whether the projection of v on the ball of radius r bound at this step
-        (‖w_{t+1}‖ > r), a 0-d bool: FdeHBO, FMBO, MA-SOBA (False with radius=inf, and
-        always for SOBA, which has no projection); None for the other methods.
-    v_norm: ‖w_{t+1}‖, the norm of the new linear-system iterate before its projection
-        (the single-loop engine: FdeHBO, FMBO, SOBA, MA-SOBA), the figure to compare with
-        the radius.
-    multiplier: the method's Lagrange/penalty multiplier at this step: BOME's λ_t, F2SA's
-        penalty λ_k.
+    Attributes:
+        inner_loss: g at a point the step evaluated anyway, on that evaluation's sample — for
+            most methods g(x_t, y_t; ζ_t) from the y update's gradient at the current iterate
+            (each algorithm's docstring says which point).  With a data-parallel problem
+            (``tb.distributed.data_parallel``) the losses are means over ranks (they join an
+            all-reduce the step makes anyway), except the double loop's inner loss from
+            stocBiO's linearisation (this rank's value); sharded runs report the global value.
+        outer_loss: f at a point the step evaluated anyway (as inner_loss).
+        hypergrad_norm: ‖d‖ for the direction d the outer iterate moved along,
+            x_{t+1} = x_t − α_t d: the method's hypergradient estimate *after* its own
+            variance reduction (FdeHBO's h^f_t, MRBO's STORM momentum, SABA's SAGA
+            direction), and in ``tb.double_loop`` the estimator's hypergradient *before* the
+            outer rule (SGD or Adam).
+        solve: the linear solve's :class:`torchbilevel.solvers.SolveInfo`: the double loop with
+            ``tb.aid`` or ``tb.stocbio`` (its Neumann series), MRBO and VRBO (their stocBiO
+            estimate's); for the methods that take gradient steps on the linear system (FdeHBO,
+            FMBO, SOBA, MA-SOBA, SABA, SRBA, FSLA, AmIGO) the report of those steps
+            (:func:`sgd_solve`); None where no linear system is solved (F2SA, BOME, ITD, PZOBO,
+            first order) and for TTSA (its randomly truncated series).
+        delta: FdeHBO's finite-difference step δ_t at the current iterate.
+        projected: whether the projection of v on the ball of radius r bound at this step
+            (‖w_{t+1}‖ > r), a 0-d bool: FdeHBO, FMBO, MA-SOBA (False with radius=inf, and
+            always for SOBA, which has no projection); None for the other methods.
+        v_norm: ‖w_{t+1}‖, the norm of the new linear-system iterate before its projection
+            (the single-loop engine: FdeHBO, FMBO, SOBA, MA-SOBA), the figure to compare with
+            the radius.
+        multiplier: the method's Lagrange/penalty multiplier at this step: BOME's λ_t, F2SA's
+            penalty λ_k.
     """
     inner_loss: Optional[Tensor] = None
     outer_loss: Optional[Tensor] = None
