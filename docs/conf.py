@@ -37,6 +37,9 @@ autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# "Attributes:" sections as :ivar: fields: autodoc's :members: documents NamedTuple fields
+# already (two descriptions of one attribute are a warning, an error under -W)
+napoleon_use_ivar = True
 
 html_theme = "furo"
 html_title = "torchbilevel"

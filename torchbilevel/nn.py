@@ -1,6 +1,6 @@
 """``nn.Module`` drop-in: split a module's parameters into outer (x) and inner (y) dicts,
 evaluate the module on such dicts, and hand a hypergradient to any ``torch.optim``
-optimiser through ``.grad``.
+optimiser through ``.grad``::
 
     x, y = tb.nn.split(model, inner=["head"])            # head.* are inner, the rest outer
     logits = tb.nn.call(model, x, y, images)             # functional_call, buffers included
@@ -104,7 +104,7 @@ def call(module: nn.Module, x: Mapping[str, Tensor], y: Mapping[str, Tensor], *a
     a parameter read outside the module (or a dict rebuilt from their entries) is gathered
     whole.
     Wrappers whose forward ignores the tensors given (DistributedDataParallel, FSDP1, a
-    ``torch.compile``d module) raise TypeError naming the module to pass instead.
+    module compiled with ``torch.compile``) raise TypeError naming the module to pass instead.
     """
     overlap = set(x) & set(y)
     if overlap:

@@ -293,7 +293,7 @@ def _cpu_math_attention(device):
 def vmap_unsupported(err: BaseException) -> bool:
     """True for the errors by which torch.func.vmap refuses an objective (no batching rule,
     data-dependent control flow, host reads, in-place writes into captured tensors, a
-    forward hook calling requires_grad_ — transformers' gradient checkpointing does)."""
+    forward hook calling ``requires_grad_`` — transformers' gradient checkpointing does)."""
     text = str(err)
     return any(m in text for m in ("Batching rule not implemented", "vmap", "Batched", "batched",
                                    "data-dependent", ".item()", "captured Tensor", "functorch transform"))
