@@ -214,18 +214,25 @@ def time_grad_g(g, x, y, tr, reps=5):
     return (time.perf_counter() - t0) / reps
 
 
+def warm_reweighting(seed, dropout, warm_steps):
+    """The reweighting problem of one seed: every CNN weight inner (y), one weight logit per
+    training example outside the module (x = 0), y warm-started by ``warm_steps`` SGD steps."""
+    torch.manual_seed(seed)
+    data = digits(seed)
+    model = SmallCNN(dropout).train()
+    x0, y = tb.nn.split(model, inner=[n for n, _ in model.named_parameters()])
+    assert not x0
+    x = {"w": torch.zeros(len(data[3]))}
+    g, f, gn = reweight_problem(model)
+    y = warm_start(model, g, x, y, data[0], warm_steps, 0.1)
+    return model, data, x, y, (g, f, gn)
+
+
 def part_reweight(seeds, dropouts, quick, warm_steps, only=None):
     rows = []
     for dropout in dropouts:
         for seed in seeds:
-            torch.manual_seed(seed)
-            tr, va, te, wrong = digits(seed)
-            model = SmallCNN(dropout).train()
-            x0, y = tb.nn.split(model, inner=[n for n, _ in model.named_parameters()])
-            assert not x0
-            x = {"w": torch.zeros(len(wrong))}
-            g, f, gn = reweight_problem(model)
-            y = warm_start(model, g, x, y, tr, warm_steps, 0.1)
+            model, (tr, va, te, wrong), x, y, (g, f, gn) = warm_reweighting(seed, dropout, warm_steps)
             t_grad = time_grad_g(g, x, y, tr)
             specs, gen = estimators(quick)
             for name, spec in specs.items():
@@ -246,13 +253,7 @@ def part_outer(seeds, methods, steps, dropout, warm_steps, inner_steps=20, lr_x=
     rows = []
     for seed in seeds:
         for name in methods:
-            torch.manual_seed(seed)
-            tr, va, te, wrong = digits(seed)
-            model = SmallCNN(dropout).train()
-            _, y = tb.nn.split(model, inner=[n for n, _ in model.named_parameters()])
-            x = {"w": torch.zeros(len(wrong))}
-            g, f, gn = reweight_problem(model)
-            y = warm_start(model, g, x, y, tr, warm_steps, 0.1)
+            model, (tr, va, te, wrong), x, y, (g, f, gn) = warm_reweighting(seed, dropout, warm_steps)
             specs, gen = estimators(False)
             est = build(specs[name], gen)
             problem = tb.Bilevel(outer=f, inner=gn if getattr(est, "curvature", "") == "gauss_newton" else g)
