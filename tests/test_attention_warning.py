@@ -84,3 +84,37 @@ def test_vmapped_pair_on_sdpa_has_no_batching_fallback():
         torch.testing.assert_close(pair.hvp[k], plain.hvp[k], rtol=1e-7, atol=1e-9)
     for k in plain.mixed:
         torch.testing.assert_close(pair.mixed[k], plain.mixed[k], rtol=1e-7, atol=1e-9)
+
+
+def test_math_backend_contexts_of_two_threads_restore_the_process_flags():
+    # sdpa_kernel's flags are process-wide; two threads' contexts interleaved (A enters,
+    # B enters, A exits, B exits) once left the process on the math backend for good
+    import threading
+
+    from torchbilevel.derivatives.second_order import math_sdpa
+    flags = lambda: (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.math_sdp_enabled())
+    before = flags()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with math_sdpa():
+            seen["a"] = flags()
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(5)
+        with math_sdpa():
+            b_in.set()
+            a_out.wait(5)
+            seen["b"] = flags()            # A has left; B still on the math backend
+    ts = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert seen["a"] == (False, False, True) and seen["b"] == (False, False, True)
+    assert flags() == before

@@ -15,6 +15,7 @@ from .. import randomness as R
 from .. import tree as T
 from ..tracing import use_func_mechanism
 from .gradient import _leaves, _rebuild, gradient
+from .second_order import math_sdpa
 
 __all__ = ["fd_delta", "fd_delta_from_norms", "FDProducts", "fd_products", "vmap_unsupported",
            "pair_flop_ratio", "choose_pair_batched", "PAIR_FLOP_RATIO"]
@@ -286,8 +287,7 @@ def _cpu_math_attention(device):
     torch.compile (the context made Dynamo recompile the FdeHBO step at every step)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.MATH])
+    return math_sdpa()                 # thread-safe: the backend flags are process-wide
 
 
 def vmap_unsupported(err: BaseException) -> bool:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import threading
 
-__all__ = ["second_order", "note_cudnn_rnn", "cudnn_rnns_seen", "math_attention_active"]
+import torch
+
+__all__ = ["second_order", "note_cudnn_rnn", "cudnn_rnns_seen", "math_attention_active", "math_sdpa"]
 
 # Type names of RNN modules evaluated on CUDA with cuDNN in this process.  Process-wide on
 # purpose: it only words an error message, and a module type seen by any thread is worth
@@ -39,16 +41,48 @@ def math_attention_active() -> bool:
     return getattr(_LOCAL, "math", False)
 
 
+# sdpa_kernel sets process-wide backend flags and restores what it saw on entry: two
+# threads' contexts interleaved restore each other's state out of order (measured: two
+# threads running AID left the process on the math backend for good).  One count for the
+# process: the first entry sets the math backend, the last exit restores the flags.
+_SDPA_LOCK = threading.Lock()
+_SDPA_HELD = {"users": 0, "ctx": None}
+
+
+@contextlib.contextmanager
+def math_sdpa():
+    """``scaled_dot_product_attention`` on its math backend inside the block, safe across
+    threads (see above); under torch.compile the plain ``sdpa_kernel`` (Dynamo traces it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if torch.compiler.is_compiling():
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
+    with _SDPA_LOCK:
+        if _SDPA_HELD["users"] == 0:
+            ctx = sdpa_kernel([SDPBackend.MATH])
+            ctx.__enter__()
+            _SDPA_HELD["ctx"] = ctx
+        _SDPA_HELD["users"] += 1
+    try:
+        yield
+    finally:
+        with _SDPA_LOCK:
+            _SDPA_HELD["users"] -= 1
+            if _SDPA_HELD["users"] == 0:
+                ctx, _SDPA_HELD["ctx"] = _SDPA_HELD["ctx"], None
+                ctx.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
 def _math_attention(enabled: bool):
     if not enabled:
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     old = getattr(_LOCAL, "math", False)
     _LOCAL.math = True
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
+        with math_sdpa():
             yield
     finally:
         _LOCAL.math = old
