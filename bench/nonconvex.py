@@ -407,36 +407,37 @@ def fmt(s, m, digits=3):
     return f"{s[m]:.{digits}g} ± {s[m + '_sd']:.{digits}g}" if s.get(m + "_sd") else f"{s[m]:.{digits}g}"
 
 
+def md_table(header, rows):
+    """Markdown lines: a header row, its rule, one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def print_tables(rows):
     lines = []
     rw = summarise(rows, "reweight", ("dropout", "method"),
                    ("auc", "residual", "nonpos", "warnings", "grad_evals", "g_calls", "f_calls", "products"))
     if rw:
-        lines.append("| dropout | method | AUC (mean ± sd) | residual | nonpos | warnings/call | grad-evals | g, f calls | products |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for s in rw:
-            lines.append(f"| {s['dropout']} | {s['method']} | {fmt(s, 'auc')} | {fmt(s, 'residual')} | {fmt(s, 'nonpos')} "
-                         f"| {s['warnings']:.2g} | {fmt(s, 'grad_evals', 2)} | {s['g_calls']:.0f}, {s['f_calls']:.0f} "
-                         f"| {s['products']:.0f} |")
+        lines += md_table(("dropout", "method", "AUC (mean ± sd)", "residual", "nonpos", "warnings/call", "grad-evals",
+                           "g, f calls", "products"),
+                          [(str(s["dropout"]), s["method"], fmt(s, "auc"), fmt(s, "residual"), fmt(s, "nonpos"),
+                            f"{s['warnings']:.2g}", fmt(s, "grad_evals", 2), f"{s['g_calls']:.0f}, {s['f_calls']:.0f}",
+                            f"{s['products']:.0f}") for s in rw])
     ou = summarise(rows, "outer", ("method",), ("wrong_mass", "test_acc", "auc_final", "seconds", "warned_steps",
                                                 "nonpos_steps"))
     if ou:
-        lines.append("")
-        lines.append("| method | wrong-label weight mass | test accuracy | AUC of -x | s | warned steps | nonpos steps |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for s in ou:
-            lines.append(f"| {s['method']} | {fmt(s, 'wrong_mass')} | {fmt(s, 'test_acc')} | {fmt(s, 'auc_final')} "
-                         f"| {fmt(s, 'seconds', 2)} | {fmt(s, 'warned_steps', 2)} | {fmt(s, 'nonpos_steps', 2)} |")
+        lines += [""] + md_table(("method", "wrong-label weight mass", "test accuracy", "AUC of -x", "s",
+                                  "warned steps", "nonpos steps"),
+                                 [(s["method"], fmt(s, "wrong_mass"), fmt(s, "test_acc"), fmt(s, "auc_final"),
+                                   fmt(s, "seconds", 2), fmt(s, "warned_steps", 2), fmt(s, "nonpos_steps", 2))
+                                  for s in ou])
     hr = summarise(rows, "hr", ("wd", "method"), ("cos", "rel_err", "residual", "nonpos", "warnings", "grad_evals",
                                                   "eig_min", "eig_max", "n_neg", "true_residual"))
     if hr:
-        lines.append("")
-        lines.append("| wd | method | cos with dense IFT | rel. error | residual (report) | true residual | nonpos | warnings | grad-evals | λmin(∇yy g) | #λ<0 |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for s in hr:
-            lines.append(f"| {s['wd']} | {s['method']} | {fmt(s, 'cos')} | {fmt(s, 'rel_err')} | {fmt(s, 'residual')} "
-                         f"| {fmt(s, 'true_residual')} | {fmt(s, 'nonpos')} | {s['warnings']:.2g} | {fmt(s, 'grad_evals', 2)} | {fmt(s, 'eig_min')} "
-                         f"| {fmt(s, 'n_neg')} |")
+        lines += [""] + md_table(("wd", "method", "cos with dense IFT", "rel. error", "residual (report)",
+                                  "true residual", "nonpos", "warnings", "grad-evals", "λmin(∇yy g)", "#λ<0"),
+                                 [(str(s["wd"]), s["method"], fmt(s, "cos"), fmt(s, "rel_err"), fmt(s, "residual"),
+                                   fmt(s, "true_residual"), fmt(s, "nonpos"), f"{s['warnings']:.2g}",
+                                   fmt(s, "grad_evals", 2), fmt(s, "eig_min"), fmt(s, "n_neg")) for s in hr])
     text = "\n".join(lines)
     print(text)
     return text

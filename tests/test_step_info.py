@@ -315,20 +315,26 @@ def sharded_figures(net, rank, world):
     return out
 
 
-def _sharded_worker(rank, world, init_file, out_dir):
+def _figures_worker(rank, world, init_file, out_dir, which):
+    """One gloo rank: ``which`` = "sharded" (FSDP2 model, sharded_figures) or "dp"
+    (dp_figures); saves this rank's figures."""
     import datetime
     import os
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        from torch.distributed.fsdp import fully_shard
-        from test_sharded import model
         torch.set_num_threads(1)
-        net = model()
-        fully_shard(net[0])
-        fully_shard(net)
-        torch.save(sharded_figures(net, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        if which == "sharded":
+            from torch.distributed.fsdp import fully_shard
+            from test_sharded import model
+            net = model()
+            fully_shard(net[0])
+            fully_shard(net)
+            figures = sharded_figures(net, rank, world)
+        else:
+            figures = dp_figures(rank, world)
+        torch.save(figures, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -344,7 +350,7 @@ def test_sharded_runs_report_the_figures_of_one_process(tmp_path):
     reference = sharded_figures(model(), 0, 1)
     rdv, world = str(tmp_path / "rendezvous"), 2
     results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    spawn(_sharded_worker, (world, rdv, str(tmp_path)), world, results, rdv)
+    spawn(_figures_worker, (world, rdv, str(tmp_path), "sharded"), world, results, rdv)
     for r, path in enumerate(results):
         res = torch.load(path, weights_only=False)
         assert res.keys() == reference.keys()
@@ -483,20 +489,6 @@ def dp_figures(rank, world):
     return out
 
 
-def _dp_worker(rank, world, init_file, out_dir):
-    import datetime
-    import os
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.set_num_threads(1)
-        torch.save(dp_figures(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_data_parallel_runs_report_the_full_batch_figures(tmp_path):
     import torch.distributed as dist
     from spawning import spawn
@@ -505,7 +497,7 @@ def test_data_parallel_runs_report_the_full_batch_figures(tmp_path):
     reference = dp_figures(0, 1)
     rdv, world = str(tmp_path / "rendezvous"), 2
     results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    spawn(_dp_worker, (world, rdv, str(tmp_path)), world, results, rdv)
+    spawn(_figures_worker, (world, rdv, str(tmp_path), "dp"), world, results, rdv)
     for r, path in enumerate(results):
         res = torch.load(path, weights_only=False)
         assert res.keys() == reference.keys()
