@@ -33,16 +33,19 @@ UPDATE = "the outer update (step size too large: x overflowed)"
 
 
 class StageTrace:
-    """Stages recorded during one guarded call, in order: ``[(stage, items), ...]``."""
+    """Stages recorded during one guarded call, in order: ``[(stage, finite), ...]`` with
+    ``finite`` a 0-d bool tensor on the device (whether every item the stage recorded was
+    finite when recorded).  Flags, not the tensors: a trace must not keep a step's
+    gradients alive (a lean step frees each one as soon as it is used)."""
     __slots__ = ("stages",)
 
     def __init__(self):
-        self.stages: List[Tuple[str, tuple]] = []
+        self.stages: List[Tuple[str, Tensor]] = []
 
     def first_nonfinite(self) -> Optional[str]:
         """The first recorded stage holding NaN/inf (reads values: call after a failure)."""
-        for stage, items in self.stages:
-            if not _finite(*items):
+        for stage, finite in self.stages:
+            if not bool(finite):
                 return stage
         return None
 
@@ -76,10 +79,13 @@ def tracing(enabled: bool = True) -> Iterator[Optional[StageTrace]]:
 
 def record(stage: str, *items) -> None:
     """Note that ``items`` (dicts of tensors, tensors or None) are the output of ``stage``
-    in the innermost open trace; a no-op when none is open."""
+    in the innermost open trace (whether they are finite now, as a device flag: no host
+    read, no reference kept); a no-op when none is open."""
     traces = _traces()
     if traces:
-        traces[-1].stages.append((stage, items))
+        flags = [torch.isfinite(t.detach()).all() for it in items for t in _leaves(it)]
+        if flags:
+            traces[-1].stages.append((stage, flags[0] if len(flags) == 1 else torch.stack(flags).all()))
 
 
 def _leaves(item):

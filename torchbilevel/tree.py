@@ -134,10 +134,12 @@ class Raveled(NamedTuple):
         if flat.shape[-1] != self.numel:
             raise ValueError(f"flat buffer has {flat.shape[-1]} entries, layout expects {self.numel}")
         lead = flat.shape[:-1]
-        return {
-            k: flat[..., o:o + math.prod(s)].view((*lead, *s))   # a tuple: 0-d shapes too
-            for k, s, o in zip(self.keys, self.shapes, self.offsets)
-        }
+        # one split, not a slice per key: the gradient of a flat leaf through split is one
+        # concatenation, where each slice's backward fills a zero buffer of the whole length
+        # (k keys: k passes over memory and twice the gradient's bytes live; measured 3.7x
+        # the parameter bytes for a gradient through a flat x, 2.0x with split: RESULTS §16)
+        parts = torch.split(flat, [math.prod(s) for s in self.shapes], dim=-1)
+        return {k: t.view((*lead, *s)) for k, s, t in zip(self.keys, self.shapes, parts)}   # 0-d shapes too
 
 
 def ravel(tree: Mapping[str, Tensor]) -> Tuple[Tensor, Raveled]:

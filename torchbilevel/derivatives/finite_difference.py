@@ -181,7 +181,11 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
     # host read (composes with vmap and torch.compile).
     if exact_zero:
         live = T.sqnorm(v) != 0
-        grads_ = [{k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for tr in grads_]
+        if use_func_mechanism():       # (under transforms: out of place, the mask may be batched)
+            grads_ = [{k: torch.where(live, t, torch.zeros_like(t)) for k, t in tr.items()} for tr in grads_]
+        else:                          # in place on the fresh gradients: no second copy of them
+            dead = ~live
+            grads_ = [{k: t.masked_fill_(dead, 0) for k, t in tr.items()} for tr in grads_]
     out = dict(zip(wrt, grads_))
     return FDProducts(out.get(1), out.get(0), d_t, bool(ran), *(mean if mean is not None else (None, None)))
 
