@@ -8,8 +8,10 @@ The step's peak is measured with bench/peak_memory.py on CPU (a dispatch-mode tr
 tensor an operator creates, counted until its storage is freed; CPU keeps no allocator
 statistics) and with torch.cuda.max_memory_allocated on CUDA (bench/gpu.py's ``memory``
 section), on the second step (which evaluates the previous iterate too).  One JSON line
-per method: parameters, state and step-peak bytes, both per parameter, and the step peak in
-units of the parameter bytes.
+per method and donation (``step(..., donate=True)`` for the methods that update in place):
+parameters, state and step-peak bytes, both per parameter, and the step peak in units of
+the parameter bytes.  The state counted is what the step is given (``state_dict``'s tensors,
+distinct storages once).
 """
 import argparse
 import json
@@ -49,14 +51,17 @@ def rows(width=512, blocks=6, classes=100, batch=64, device="cpu"):
              "pzobo (double_loop, N=1, Q=1)": lambda: tb.double_loop(prob, tb.pzobo(1, 0.05, directions=1, mu=1e-3),
                                                                      lr_x=0.01, inner_steps=1, lr_y=0.05)}
     out = []
-    for name, build in algos.items():
+    for (name, build), donate in [(item, d) for item in algos.items() for d in (False, True)]:
         algo = build()
+        if donate and not _donates(algo):
+            continue
         s = algo.step(algo.init(x, y), data, data)
         holder = [s]
-        state = sum(v.numel() * v.element_size() for v in _tensors(algo, s))
+        state = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in _tensors(algo, s)}.values())
+        step_kw = {"donate": True} if donate else {}
 
         def step():
-            holder[0] = algo.step(holder[0], data, data)
+            holder[0] = algo.step(holder[0], data, data, **step_kw)
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -68,7 +73,7 @@ def rows(width=512, blocks=6, classes=100, batch=64, device="cpu"):
         else:
             peak = peak_tensor_bytes(step)
             how = "bench/peak_memory.py dispatch-mode tracker"
-        out.append({"method": name, "params": n, "state_bytes_per_param": state / n,
+        out.append({"method": name, "donate": donate, "params": n, "state_bytes_per_param": state / n,
                     "step_peak_bytes_per_param": peak / n, "step_peak_x_param_bytes": peak / (4 * n),
                     "total_bytes_per_param": (state + peak) / n, "measured_with": how})
     return out
@@ -84,6 +89,11 @@ def main():
     a = ap.parse_args()
     for row in rows(a.width, a.blocks, a.classes, a.batch, a.device):
         print(json.dumps(row))
+
+
+def _donates(algo):
+    from torchbilevel.optim.donation import DONATING
+    return algo.name in DONATING
 
 
 def _tensors(algo, s):

@@ -33,7 +33,7 @@ def _store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _sqnorm(w: torch.Tensor) -> torch.Tensor:
+def sqnorm(w: torch.Tensor) -> torch.Tensor:
     """Σ w² of the stored w, accumulated in its compute dtype, as a 0-d tensor."""
     wc = _store(w, compute_dtype(w.dtype))
     return torch.dot(wc, wc)
@@ -50,7 +50,7 @@ def inner_update(y, v, h_g, h_R, grads, *, beta, lam, eta_g, eta_R):
     h_R_new = r_cur.add_(h_R, alpha=keep_R).sub_(r_prev, alpha=keep_R)  # eq. (7)/(12): R + (1−η_R)(h_R − R_prev)
     y_new = torch.add(y, h_g_new, alpha=-beta)  # Alg. 1 line 4: y − β h_g
     w = _store(torch.add(v, h_R_new, alpha=-lam), dtype)  # Alg. 1 line 5: w = v − λ h_R
-    return _store(y_new, dtype), w, _store(h_g_new, dtype), _store(h_R_new, dtype), _sqnorm(w)
+    return _store(y_new, dtype), w, _store(h_g_new, dtype), _store(h_R_new, dtype), sqnorm(w)
 
 
 def outer_update(x, h_f, grads, *, alpha, eta_f):
@@ -70,7 +70,12 @@ def project_ball(w, w_sqnorm, radius):
     cd = compute_dtype(w.dtype)
     if radius == float("inf"):
         return w.clone()
-    norm = torch.sqrt(w_sqnorm.reshape(()).to(cd))
-    # Alg. 1 line 6: v = w·min(1, r/‖w‖) = w·r/max(‖w‖, r); exactly w when ‖w‖ ≤ r, finite at w = 0
-    factor = torch.div(norm.new_full((), radius), torch.clamp_min(norm, radius))  # true division: r/r == 1
-    return _store(torch.mul(_store(w, cd), factor), w.dtype)  # factor kept in the compute dtype
+    return _store(torch.mul(_store(w, cd), ball_factor(w_sqnorm, radius, cd)), w.dtype)  # factor in the compute dtype
+
+
+def ball_factor(w_sqnorm, radius, dtype=None):
+    """The 0-d factor of the projection on the ball of radius r (FdeHBO Alg. 1 line 6):
+    v = w·min(1, r/‖w‖) = w·r/max(‖w‖, r), exactly 1 when ‖w‖ ≤ r, finite at w = 0; in
+    ``dtype`` (default: the dtype of ``w_sqnorm``)."""
+    norm = torch.sqrt(w_sqnorm.reshape(()).to(dtype or w_sqnorm.dtype))
+    return torch.div(norm.new_full((), radius), torch.clamp_min(norm, radius))  # true division: r/r == 1

@@ -18,6 +18,7 @@ from .. import sharding as S
 from .. import tree as T
 from ..problem import check_params, in_functorch_transform
 from ..tracing import sharded_step
+from . import donation as D
 from .single_loop import _flat as flat_fn  # (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)
 
 __all__ = ["flat_fn", "view", "init_flat", "guarded", "check_step", "checkpoint", "work_dtype"]
@@ -49,32 +50,44 @@ def init_flat(name: str, x, y, check_finite: bool, sharded: bool = False):
     return xf, yf, lx, ly
 
 
-def guarded(cls, body, problem):
-    """``step(s, inner_batch, outer_batch, has_aux=False)`` running ``body`` with module
-    buffers frozen (the body opens ``torchbilevel.buffers.updating()`` around its one
-    inner-gradient evaluation), after the check that g depends on y; if it raises, the
-    random stream is rewound and the running statistics it moved are put back.  ``body(s,
-    inner_batch, outer_batch, has_aux)`` returns the new state, or ``(state, StepInfo)``
-    when ``has_aux`` (:func:`torchbilevel.optim.step_info.reply`)."""
-    def step(s, inner_batch, outer_batch, has_aux: bool = False):
+def guarded(cls, body, problem, name: str):
+    """``step(s, inner_batch, outer_batch, has_aux=False, donate=False)`` running ``body``
+    with module buffers frozen (the body opens ``torchbilevel.buffers.updating()`` around
+    its one inner-gradient evaluation), after the check that g depends on y; if it raises,
+    the random stream is rewound and the running statistics it moved are put back.
+    ``body(s, inner_batch, outer_batch, has_aux[, donate])`` returns the new state, or
+    ``(state, StepInfo)`` when ``has_aux`` (:func:`torchbilevel.optim.step_info.reply`);
+    ``donate`` is passed (as a keyword) to the bodies of the methods that update in place
+    (:data:`torchbilevel.optim.donation.DONATING`), refused for the others."""
+    def step(s, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        donate = D.check(donate, name, s)
         sharded = s.layout_x.shards is not None or s.layout_y.shards is not None
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), sharded_step(sharded):
             inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
+            if donate:
+                return body(s, inner_batch, outer_batch, has_aux, donate=True)
             return body(s, inner_batch, outer_batch, has_aux)
     return step
 
 
-def check_step(name: str, t: int, new_buffers, trace: Optional[G.StageTrace], fallback: str, **state) -> None:
+def check_step(name: str, t: int, new_buffers, trace: Optional[G.StageTrace], fallback: str,
+               donated: bool = False, **state) -> None:
     """One fused reduction and one host read: raise FloatingPointError naming where NaN/inf
     arose (a non-finite field of the state passed in, else the first non-finite recorded
-    stage, else ``fallback``) unless every buffer of ``new_buffers`` is finite."""
+    stage, else ``fallback``) unless every buffer of ``new_buffers`` is finite.  ``donated``:
+    the state was donated and holds the failed update (the message says so)."""
     if in_functorch_transform():
         return
     probe = torch.stack([b.float().sum() for b in new_buffers]).sum()
     if not bool(torch.isfinite(probe)):
         where = G.locate(trace, fallback, **{f"state.{k}": v for k, v in state.items()})
+        if donated:
+            raise FloatingPointError(
+                f"{name} step {t}: NaN/inf arose in {where}; the state was donated (donate=True) and holds the "
+                f"failed update: resume from a checkpoint, or step without donation where a failure must leave "
+                f"the state usable")
         raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; the state passed in is unchanged")
 
 
@@ -91,6 +104,7 @@ def checkpoint(cls, name: str):
     def state_dict(s) -> dict:
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        D.check_unconsumed(s)
         d = {k: getattr(s, k) for k in cls._fields if k not in layouts}
         for k in layouts:
             d[k] = S.layout_to_dict(getattr(s, k))
@@ -100,6 +114,7 @@ def checkpoint(cls, name: str):
     def load_state_dict(d: dict):
         if not isinstance(d, dict) or d.get("algorithm") != name:
             raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
+        D.check_unconsumed(d, "state_dict")
         lay = {k: S.layout_from_dict(d[k]) for k in layouts}
         return cls(**{k: d[k] for k in cls._fields if k not in layouts}, **lay)
 

@@ -142,4 +142,4 @@ def amigo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, v_steps: Optional
                          sum(bad.to(torch.int64) for _, bad in report))))
 
     state_dict, load_state_dict = checkpoint(AmIGOState, name)
-    return Algorithm(init, guarded(AmIGOState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(AmIGOState, body, problem, name), state_dict, load_state_dict, name)

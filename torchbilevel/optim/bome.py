@@ -55,6 +55,7 @@ from .. import tree as T
 from ..derivatives import gradient
 from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view, work_dtype
+from . import donation as D
 from .algorithm import Algorithm
 from .schedule import value_at
 from .step_info import StepInfo, norm, reply
@@ -62,6 +63,7 @@ from .step_info import StepInfo, norm, reply
 _PATH = "the inner path θ_T (gradient steps on ∇y g)"
 _G = "the constraint gradient ∇q̂ (∇g at (x, y) and (x, θ_T))"
 _F = "the outer gradient ∇f"
+_OVERFLOW = "the update (step sizes too large: the iterates overflowed)"
 
 
 def _check_phi(value, name: str):
@@ -127,17 +129,23 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         xf, yf, lx, ly = init_flat(name, x, y, check_finite, sharded=True)   # gradients only: runs sharded
         return BOMEState(xf, yf, 0, lx, ly, torch.zeros((), dtype=work_dtype(yf), device=yf.device))
 
-    def body(s: BOMEState, inner_batch, outer_batch, has_aux: bool = False):
+    def body(s: BOMEState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
+        """One step.  Lean: ∇x q̂ and the x direction are formed in the buffers of the
+        gradients they consume, each freed as soon as it is used; x and y move in place when
+        ``donate``."""
         t = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
         gamma = value_at(lr_inner, t, "lr_inner")
+        if donate:
+            D.take(s)
         with G.tracing(check_finite) as trace:
-            theta = s.yf
+            theta = s.yf.clone()
             for _ in range(inner_steps):                       # θ_T: no graph, buffers frozen
                 (gy,) = gradient(g, s.xf, theta, draw(inner_batch, "inner_batch"), argnums=1)[1]
                 (gy,) = problem.average(gy)
-                theta = torch.add(theta, gy, alpha=-gamma)
+                theta.add_(gy, alpha=-gamma)
+                del gy
             G.record(_PATH, theta)
             zeta, psi = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
 
@@ -148,25 +156,38 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
             (gv, (gx, gy)), (gv_th, (gx_th,)) = R.replaying(
                 R.capture(s.xf), [at_y, lambda: gradient(g, s.xf, theta, zeta, argnums=0)])
             G.record(_G, gx, gy, gx_th)
+            del theta
+            qx = gx.sub_(gx_th)                          # ∇x q̂ = ∇x g(x, y) − ∇x g(x, θ_T), gx_th freed
+            del gx, gx_th
             fv, (fx, fy) = gradient(f, s.xf, s.yf, psi)
             G.record(_F, fx, fy)
-        gx, gy, gx_th, fx, fy, gv, gv_th, fv = problem.average(gx, gy, gx_th, fx, fy, gv, gv_th, fv)  # one all-reduce
+        qx, gy, fx, fy, gv, gv_th, fv = problem.average(qx, gy, fx, fy, gv, gv_th, fv)  # one all-reduce
         work = work_dtype(s.yf)
-        qx, qy = (gx - gx_th).to(work), gy.to(work)
+        qx, qy = qx.to(work), gy.to(work)
         d = S.dots((qx, qx, lx), (qy, qy, ly), (fx.to(work), qx, lx), (fy.to(work), qy, ly))  # sharded: one all-reduce
         n2, dot = d[0] + d[1], d[2] + d[3]                               # ‖∇q̂‖², ⟨∇f, ∇q̂⟩
         eta = _check_phi(phi(t), f"phi({t})") if callable(phi) else phi
         phi_t = eta * (n2 if phi_rule == "grad_norm" else (gv - gv_th).to(work))
         lam = torch.where(n2 > 0, torch.clamp(phi_t - dot, min=0.0) / torch.where(n2 > 0, n2, 1.0),
                           torch.zeros_like(n2))
-        d_x = fx.to(work) + lam * qx
-        x_new = torch.add(s.xf, d_x.to(s.xf.dtype), alpha=-value_at(lr_x, t, "lr_x"))
-        y_new = torch.add(s.yf, (fy.to(work) + lam * qy).to(s.yf.dtype), alpha=-value_at(lr_y, t, "lr_y"))
+        # (x, y) − (α, β)·(∇f + λ∇q̂), each direction formed in place in the buffers it consumes
+        d_x = fx.to(work).add_(qx.mul_(lam))
+        d_y = fy.to(work).add_(qy.mul_(lam))
+        del qx, qy
+        step_x = d_x.to(s.xf.dtype)
+        a_x, a_y = -value_at(lr_x, t, "lr_x"), -value_at(lr_y, t, "lr_y")
+        if donate:
+            x_new, y_new = s.xf.add_(step_x, alpha=a_x), s.yf.add_(d_y.to(s.yf.dtype), alpha=a_y)
+        else:
+            x_new, y_new = torch.add(s.xf, step_x, alpha=a_x), torch.add(s.yf, d_y.to(s.yf.dtype), alpha=a_y)
+        del d_y
         if check_finite:
-            check_step(name, t, (x_new, y_new, lam), trace,
-                       "the update (step sizes too large: the iterates overflowed)", xf=s.xf, yf=s.yf)
-        return reply(BOMEState(x_new, y_new, t + 1, lx, ly, lam), has_aux, lambda: StepInfo(
-            inner_loss=gv, outer_loss=fv, hypergrad_norm=norm(d_x.to(s.xf.dtype), lx), multiplier=lam))
+            if donate:
+                check_step(name, t, (x_new, y_new, lam), trace, _OVERFLOW, donated=True)
+            else:
+                check_step(name, t, (x_new, y_new, lam), trace, _OVERFLOW, xf=s.xf, yf=s.yf)
+        return reply(BOMEState(D.fresh(x_new), D.fresh(y_new), t + 1, lx, ly, lam), has_aux, lambda: StepInfo(
+            inner_loss=gv, outer_loss=fv, hypergrad_norm=norm(step_x, lx), multiplier=lam))
 
     state_dict, load_state_dict = checkpoint(BOMEState, name)
-    return Algorithm(init, guarded(BOMEState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(BOMEState, body, problem, name), state_dict, load_state_dict, name)

@@ -23,6 +23,7 @@ from ..estimators import AID, ESTIMATOR_NAMES, FirstOrder, is_estimator
 from .. import health as H
 from ..hypergrad import hypergrad, read_checks
 from ..problem import check_params, check_positive, check_problem, check_steps, draw, in_functorch_transform
+from . import donation as D
 from .algorithm import Algorithm
 from .outer import OUTER_RULES, OuterState, outer_init, outer_update
 from .schedule import value_at
@@ -119,13 +120,15 @@ def double_loop(problem, estimator, lr_x=0.1, inner_steps: int = 5, lr_y=0.1, *,
         return DoubleLoopState(T.clone(x), T.clone(y), None, outer_init(outer, x), 0,
                                None if generator is None else generator.get_state())
 
-    def step(state: DoubleLoopState, inner_batch, outer_batch, has_aux: bool = False):
+    def step(state: DoubleLoopState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
         """One outer step: ``inner_steps`` warm-started inner steps, a hypergradient, an outer
         update.  Returns the new state (with ``has_aux``: ``(state, StepInfo)``); a
         FloatingPointError leaves ``state`` and the random stream (global and the
-        estimator's generator) as they were."""
+        estimator's generator) as they were.  ``donate=True`` is refused (ValueError: no
+        in-place update here; see :mod:`torchbilevel.optim.donation`)."""
         if not isinstance(state, DoubleLoopState):
             raise TypeError(f"state must come from init(), got {type(state).__name__}")
+        D.check(donate, "double_loop", state)
         if generator is not None and state.generator is not None:
             generator.set_state(state.generator)      # this run's directions stream
         with R.restored_on_error(state.x, generators=(generator,)), B.transaction():

@@ -64,6 +64,7 @@ from .. import tree as T
 from ..derivatives import gradient
 from ..problem import check_positive, check_problem, check_steps, draw
 from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view
+from . import donation as D
 from .algorithm import Algorithm
 from .schedule import value_at
 from .step_info import StepInfo, norm, reply
@@ -72,6 +73,7 @@ _PATH = "the inner loop's gradients ∇y g at y and z"
 _FY = "the outer gradient ∇y f (inner loop)"
 _G = "the inner gradients ∇x g at (x, y) and (x, z)"
 _F = "the outer gradient ∇x f"
+_OVERFLOW = "the update (step sizes too large or the penalty λ too large: the iterates overflowed)"
 SCHEDULES = ("paper", "benchmark_bilevel")
 BENCHMARK_EXPONENT = 1.0 / 7.0     # benchmark_bilevel's decay of the λ increment
 
@@ -175,23 +177,31 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
             zf = T.ravel_like(ly, z).to(yf.dtype).clone()
         return F2SAState(xf, yf, zf, 0, lx, ly, lam_at(0, 0.0))
 
-    def body(s: F2SAState, inner_batch, outer_batch, has_aux: bool = False):
+    def body(s: F2SAState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
+        """One outer step.  Lean: y and z move in place (on copies unless ``donate``), the x
+        direction is formed in the buffers of the gradients it consumes, each freed as soon
+        as it is used (the same operations as out of place: bitwise the same numbers)."""
         k = s.step
         lx, ly = s.layout_x, s.layout_y
         g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
         lam = s.lam
         gamma, beta = value_at(lr_z, k, "lr_z"), value_at(lr_y, k, "lr_y")
-        xf, yf, zf = s.xf, s.yf, s.zf
+        xf = s.xf
+        if donate:
+            D.take(s)
+            yf, zf = s.yf, s.zf
+        else:
+            yf, zf = s.yf.clone(), s.zf.clone()
         with G.tracing(check_finite) as trace:
             for _ in range(inner_steps):                          # Alg. 1, inner loop
                 phi_z = draw(inner_batch, "inner_batch")
                 phi_y = phi_z if shared_inner_sample else draw(inner_batch, "inner_batch")
                 zeta_y = draw(outer_batch, "outer_batch")
 
-                def at_y(yf=yf, phi_y=phi_y):
+                def at_y(phi_y=phi_y):
                     with B.updating():    # running statistics move once per inner step, here
                         return gradient(g, xf, yf, phi_y, argnums=1)[1][0]
-                at_z = lambda zf=zf, phi_z=phi_z: gradient(g, xf, zf, phi_z, argnums=1)[1][0]
+                at_z = lambda phi_z=phi_z: gradient(g, xf, zf, phi_z, argnums=1)[1][0]
                 if shared_inner_sample:   # one sample: one random stream at y and z
                     gy, gz = R.replaying(R.capture(xf), [at_y, at_z])
                 else:
@@ -200,27 +210,34 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
                 fy = gradient(f, xf, yf, zeta_y)[1][1]          # both arguments: f may ignore y
                 G.record(_FY, fy)
                 gz, gy, fy = problem.average(gz, gy, fy)          # one all-reduce per inner step
-                zf = torch.add(zf, gz, alpha=-gamma)
-                yf = torch.add(yf, torch.add(gy, fy, alpha=1.0 / lam), alpha=-beta)
+                zf.add_(gz, alpha=-gamma)
+                yf.add_(gy.add_(fy, alpha=1.0 / lam), alpha=-beta)
+                del gz, gy, fy
             phi_x, zeta_x = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
             # one sample φ_x, one random stream at (x, y_{k+1}) and (x, z_{k+1})
             # (gradients in both arguments, of which the x part is used: f or g may ignore x)
-            (_, (gx_y, _)), (g_z, (gx_z, _)) = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x),
-                                                                          lambda: gradient(g, xf, zf, phi_x)])
+            gx_y, (g_z, (gx_z, _)) = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x)[1][0],
+                                                                 lambda: gradient(g, xf, zf, phi_x)])
             G.record(_G, gx_y, gx_z)
+            diff = gx_y.sub_(gx_z)                      # ∇x g(x, y_{k+1}) − ∇x g(x, z_{k+1}), gx_z freed
+            del gx_z, gx_y
             f_val, (fx, _) = gradient(f, xf, yf, zeta_x)
             G.record(_F, fx)
-        gx_y, gx_z, fx, g_z, f_val = problem.average(gx_y, gx_z, fx, g_z, f_val)   # one all-reduce
-        d_x = torch.add(fx, torch.sub(gx_y, gx_z), alpha=lam)
-        x_new = torch.add(xf, d_x, alpha=-value_at(lr_x, k, "lr_x"))
+        diff, fx, g_z, f_val = problem.average(diff, fx, g_z, f_val)   # one all-reduce
+        d_x = fx.add_(diff, alpha=lam)                  # ∇x L_λ = ∇x f + λ(∇x g(y) − ∇x g(z))
+        del diff
+        alpha = -value_at(lr_x, k, "lr_x")
+        x_new = xf.add_(d_x, alpha=alpha) if donate else torch.add(xf, d_x, alpha=alpha)
         if check_finite:
-            check_step(name, k, (x_new, yf, zf), trace,
-                       "the update (step sizes too large or the penalty λ too large: the iterates overflowed)",
-                       xf=s.xf, yf=s.yf, zf=s.zf)
-        return reply(F2SAState(x_new, yf, zf, k + 1, lx, ly, lam_at(k + 1, lam)), has_aux, lambda: StepInfo(
+            if donate:
+                check_step(name, k, (x_new, yf, zf), trace, _OVERFLOW, donated=True)
+            else:
+                check_step(name, k, (x_new, yf, zf), trace, _OVERFLOW, xf=s.xf, yf=s.yf, zf=s.zf)
+        f = D.fresh
+        return reply(F2SAState(f(x_new), f(yf), f(zf), k + 1, lx, ly, lam_at(k + 1, lam)), has_aux, lambda: StepInfo(
             inner_loss=g_z, outer_loss=f_val, hypergrad_norm=norm(d_x, lx),
             multiplier=torch.tensor(lam, dtype=torch.float64 if xf.dtype == torch.float64 else torch.float32,
                                     device=xf.device)))
 
     state_dict, load_state_dict = checkpoint(F2SAState, name)
-    return Algorithm(init, guarded(F2SAState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(F2SAState, body, problem, name), state_dict, load_state_dict, name)

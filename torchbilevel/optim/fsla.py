@@ -138,4 +138,4 @@ def fsla(problem, *, lr_x, lr_y, lr_v, eta_x=0.1, check_finite: bool = True) -> 
                                       solve=one_step_solve(s.vf, hv, fy)))
 
     state_dict, load_state_dict = checkpoint(FSLAState, name)
-    return Algorithm(init, guarded(FSLAState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(FSLAState, body, problem, name), state_dict, load_state_dict, name)

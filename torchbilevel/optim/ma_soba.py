@@ -33,6 +33,7 @@ import torch
 
 from ..problem import check_unit, in_functorch_transform
 from .schedule import value_at
+from . import donation as D
 from .single_loop import SingleLoopState
 from .step_info import norm, reply
 from .soba import _DOC_ARGS, fresh_single_loop
@@ -64,7 +65,9 @@ def ma_soba(problem, *, lr_x, lr_y, lr_v, momentum=0.9, order: str = "paper", ra
                                       independent_outer_sample=independent_outer_sample,
                                       check_finite=check_finite, name=name, radius=radius)
 
-    def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
+    def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
+        # (its x update reads the old average h_f after the engine's step: donate=True refused)
+        D.check(donate, name, s)
         t = s.step if isinstance(s, SingleLoopState) else 0
         alpha = value_at(lr_x, t, "lr_x")
         new = step_at(s, inner_batch, outer_batch, alpha, has_aux)   # y, v: SOBA; new.h_f = D_t

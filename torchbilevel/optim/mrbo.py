@@ -166,4 +166,4 @@ def mrbo(problem, *, lr_x, lr_y, eta_x=0.5, eta_y=0.5, neumann_steps: int = 10, 
                                       solve=auxes[0].solve))
 
     state_dict, load_state_dict = checkpoint(MRBOState, name)
-    return Algorithm(init, guarded(MRBOState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(MRBOState, body, problem, name), state_dict, load_state_dict, name)

@@ -42,6 +42,7 @@ from .. import randomness as R
 from .. import tree as T
 from ..derivatives import exact_products, gradient, second_order
 from ..problem import check_positive, check_problem, check_steps, draw
+from . import donation as D
 from ._flat import check_step, checkpoint, flat_fn, init_flat, view
 from .algorithm import Algorithm
 from .schedule import value_at
@@ -152,9 +153,10 @@ def pair_step(cls, body, problem, name: str, sizes):
     was built for), then ``body(s, inner_pairs, outer_pairs, has_aux)`` (the new state, or
     ``(state, StepInfo)``) with module buffers frozen, products' double-backward failures
     named, and on error the random stream and running statistics put back."""
-    def step(s, inner_batch, outer_batch, has_aux: bool = False):
+    def step(s, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
         if not isinstance(s, cls):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        D.check(donate, name, s)             # (no in-place update: donate=True is refused)
         (n_in, n_out), (m_in, m_out) = sizes(None), sizes(s)
         if (n_in, n_out) != (m_in, m_out):
             raise ValueError(f"{name}: the state was built for n_inner={m_in}, n_outer={m_out} minibatches, this "

@@ -37,6 +37,7 @@ from ..derivatives import (choose_pair_batched, exact_products, fd_delta_from_no
                            second_order)
 from ..problem import (check_params, check_positive, check_problem, check_unit, draw,
                        in_functorch_transform, use_func_mechanism)
+from . import donation as D
 from .algorithm import Algorithm
 from .single_loop_state import RADIUS_WINDOW, SingleLoopState, checkpoint
 from .schedule import value_at
@@ -178,10 +179,12 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         return fd_delta_from_norms(torch.linalg.vector_norm(yf.to(work)), torch.linalg.vector_norm(vf.to(work)),
                                    yf.dtype, yf.numel())
 
-    def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch):
-        """All gradient evaluations of one step: at the current iterate and (t ≥ 1) at the
-        previous one on the current samples, as eq. (6), (7), (10) require.  Returns
-        (evaluations, the pair mode that ran)."""
+    def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch, sink):
+        """All gradient evaluations of one step: at the current iterate (point 0) and (t ≥ 1)
+        at the previous one (point 1) on the current samples, as eq. (6), (7), (10) require.
+        Each gradient goes to ``sink(point, n_points)(name, tensor)`` as it is computed
+        (names ``gy``, ``fx``, ``fy``, ``hv``, ``jv``: ∇y g on ζ, ∇x f, ∇y f, ∇yy g·v, ∇xy g·v).
+        Returns (the current point's losses (g, f), the pair mode that ran)."""
         pair_mode = [s.pair_mode]
         lx, ly = s.layout_x, s.layout_y
         g = _flat(g_flat_src, lx, ly)
@@ -206,16 +209,24 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         # torch.compile the mean's second backward is unavailable: ∇y g is evaluated directly.
         pair_gy = (fd and zeta is psi_g and s.gy_from_pair is True and not use_func_mechanism())
 
-        def at(point, current: bool):
+        def at(point, current: bool, put):
+            """Evaluate one point; hand each gradient to ``put(name, tensor)`` as soon as it
+            is computed (so it can be consumed and freed before the next evaluation runs);
+            return the losses (g, f) of the point."""
             xf, yf, vf, dl = point
             # running statistics move once per step, from the y update's evaluation at the
             # current iterate; every other evaluation of the step leaves buffers as they are
             if not pair_gy:
                 with (B.updating() if current else contextlib.nullcontext()):
                     g_val, (gy,) = gradient(g, xf, yf, zeta, argnums=1)            # ∇y g(·; ζ)
+                put("gy", gy)
+                del gy
             f_val, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                       # ∇f(·; ψ)
             if xi_f is not psi_f:
                 fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]                  # ∇x f(·; ξ̄)
+            put("fx", fx_i)
+            put("fy", fy_i)
+            del fx_i, fy_i
             if fd:
                 # eq. (9), (11): one reverse pass of (g(y+δv) − g(y−δv))/2δ gives both
                 both = xi_g is psi_g
@@ -223,46 +234,66 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                                  wrt=(0, 1) if both else (1,), with_grad_y=pair_gy,
                                  exact_zero=ly.shards is None)   # a zero local shard ≠ a zero v
                 if pair_gy:
-                    gy, g_val = pr.grad_y, pr.value
+                    put("gy", pr.grad_y)
+                    g_val = pr.value
                 if pr.batched is False:
                     pair_mode[0] = False       # a vmap fallback is remembered for the run
-                hv_i = pr.hvp
-                jv_i = pr.mixed if both else fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=pair_mode[0],
-                                                         wrt=(0,), exact_zero=ly.shards is None).mixed
+                put("hv", pr.hvp)
+                jv_i = pr.mixed
+                del pr
+                if not both:
+                    jv_i = fd_products(g, xf, yf, vf, xi_g, delta=dl, batched=pair_mode[0], wrt=(0,),
+                                       exact_zero=ly.shards is None).mixed
             else:
                 jv_i, hv_i = exact_products(g, xf, yf, vf, psi_g)                  # one backward
+                put("hv", hv_i)
+                del hv_i
                 if xi_g is not psi_g:
                     jv_i = exact_products(g, xf, yf, vf, xi_g)[0]
+            put("jv", jv_i)
             work = torch.promote_types(g_val.dtype, f_val.dtype)
-            return gy, fx_i, fy_i, hv_i, jv_i, torch.stack([g_val.to(work), f_val.to(work)])
+            return torch.stack([g_val.to(work), f_val.to(work)])
 
         # one sample = one batch and one random stream: the current and the previous
         # iterate replay the same dropout masks on ζ, ψ (and ξ̄), as eq. (6), (7), (10) need
-        if use_func_mechanism():
-            # under torch.func transforms / torch.compile: pure (no writes into a buffer)
-            rows = R.replaying(R.capture(s.xf), [lambda p=p, i=i: at(p, i == 0) for i, p in enumerate(points)])
-            gy, fx, fy, hv, jv, losses = (list(col) for col in zip(*rows))
-            stack = lambda rows: torch.stack(rows if len(rows) == 2 else rows * 2)   # prev = cur: t = 0, η = 1
-            return _Evaluations(stack(gy), stack(hv), stack(jv), stack(fx), stack(fy), losses[0]), pair_mode[0]
-        # the kernels' stacked rows, allocated once and written as each evaluation returns,
-        # so an evaluation's gradients are freed as soon as they are copied (no list of
-        # rows, stack and concatenation beside each other: 8 extra vectors of x at peak)
-        rows_y = s.yf.new_empty((6,) + tuple(s.yf.shape))     # gy, gy', Hv, Hv', fy, fy'
-        rows_x = s.xf.new_empty((4,) + tuple(s.xf.shape))     # fx, fx', Jv, Jv'
-        losses = []
+        calls = [lambda p=p, i=i: at(p, i == 0, sink(i, len(points))) for i, p in enumerate(points)]
+        losses = R.replaying(R.capture(s.xf), calls)
+        return losses[0], pair_mode[0]
 
-        def into_rows(i, point):
-            gy, fx_i, fy_i, hv_i, jv_i, loss = at(point, i == 0)
-            losses.append(loss)
-            for j in ((0, 1) if len(points) == 1 else (i,)):   # prev = cur: t = 0, or every η = 1
-                rows_y[j].copy_(gy)
-                rows_y[2 + j].copy_(hv_i)
-                rows_y[4 + j].copy_(fy_i)
-                rows_x[j].copy_(fx_i)
-                rows_x[2 + j].copy_(jv_i)
+    def rows_sink(s: SingleLoopState, func: bool):
+        """The sink of :func:`evaluate` that fills the fused kernels' stacked rows and the
+        :class:`_Evaluations` it returns (``ev()``).  Eager: rows allocated once and written
+        as each gradient returns, so it is freed at once (no list of rows, stack and
+        concatenation beside each other: 8 extra vectors of x at peak).  Under torch.func
+        transforms / torch.compile (``func``): pure, the rows stacked at the end."""
+        slot = {"gy": ("y", 0), "hv": ("y", 2), "fy": ("y", 4), "fx": ("x", 0), "jv": ("x", 2)}
+        if func:
+            got = {k: [None, None] for k in slot}
 
-        R.replaying(R.capture(s.xf), [lambda p=p, i=i: into_rows(i, p) for i, p in enumerate(points)])
-        return _Evaluations(rows_y[0:2], rows_y[2:4], rows_x[2:4], rows_x[0:2], rows_y[4:6], losses[0]), pair_mode[0]
+            def sink(i, n):
+                def put(name, t):
+                    got[name][i] = t
+                return put
+
+            def ev(loss):
+                stack = lambda two: torch.stack(two if two[1] is not None else [two[0]] * 2)  # prev = cur
+                return _Evaluations(stack(got["gy"]), stack(got["hv"]), stack(got["jv"]), stack(got["fx"]),
+                                    stack(got["fy"]), loss)
+            return sink, ev
+        rows = {"y": s.yf.new_empty((6,) + tuple(s.yf.shape)),     # gy, gy', Hv, Hv', fy, fy'
+                "x": s.xf.new_empty((4,) + tuple(s.xf.shape))}     # fx, fx', Jv, Jv'
+
+        def sink(i, n):
+            def put(name, t):
+                side, base = slot[name]
+                for j in ((0, 1) if n == 1 else (i,)):           # prev = cur: t = 0, or every η = 1
+                    rows[side][base + j].copy_(t)
+            return put
+
+        def ev(loss):
+            ry, rx = rows["y"], rows["x"]
+            return _Evaluations(ry[0:2], ry[2:4], rx[2:4], rx[0:2], ry[4:6], loss)
+        return sink, ev
 
     def stack_rows(ev: _Evaluations):
         """The stacked gradient buffers of torchbilevel.kernels (products layout, fd=False):
@@ -302,33 +333,39 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 f"needs radius ≥ ‖v*‖ with ∇yy g·v* = ∇y f (≈ ‖∇y f‖/μ_g): a clipped v biases the "
                 f"hypergradient. Estimate ‖v*‖ with a few CG steps (tb.hypergrad(problem, "
                 f"tb.aid(tb.cg(steps=20)), has_aux=True) gives aux.v) and pass radius ≈ 2‖v*‖.",
-                RuntimeWarning, stacklevel=4)
+                RuntimeWarning, stacklevel=5)
             return True
         return False
 
-    def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
+    def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
         """One step of Alg. 1 (FdeHBO) / Alg. 2 (FMBO); returns the new state, never
         modifies ``s`` (a FloatingPointError leaves it usable, and the random stream where
         it was).  ``has_aux=True`` returns ``(state, StepInfo)``: g(x_t, y_t; ζ_t) (FdeHBO
         taking ∇y g from the ± pair: the pair's mean (g(y_t+δv_t) + g(y_t−δv_t))/2 on ψ_t = ζ_t),
         f(x_t, y_t; ψ_t), ‖h^f_t‖, δ_t (FdeHBO), whether the projection bound, ‖w_{t+1}‖, and
-        the linear system's report at v_t on ψ_t (``step_info.one_step_solve``)."""
+        the linear system's report at v_t on ψ_t (``step_info.one_step_solve``).
+
+        ``donate=True`` hands ``s`` over: the new state is written into its buffers, each
+        gradient accumulated into the momenta as its evaluation returns (no stacked rows, no
+        second state), and ``s`` is consumed (see :mod:`torchbilevel.optim.donation`)."""
         if not isinstance(s, SingleLoopState):
             raise TypeError(f"state must come from init(), got {type(s).__name__}")
+        donate = D.check(donate, name, s)
         with R.restored_on_error(s.xf), B.transaction(), B.frozen(), \
                 (contextlib.nullcontext() if fd else second_order(name)):
             inner_batch, outer_batch = problem.check_uses(s.x, s.y, inner_batch, outer_batch)
             if fd and (s.pair_mode is None or s.gy_from_pair is None) and not in_functorch_transform():
                 s, inner_batch = decide(s, inner_batch)
-            return _step(s, inner_batch, outer_batch, has_aux)
+            return (_donated_step if donate else _step)(s, inner_batch, outer_batch, has_aux)
 
     def _step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
         t = s.step
         first = t == 0
         d_cur = fd_step(s.yf, s.vf, s.layout_y) if fd else 1.0
-        ev, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch)
-        sharded = s.layout_x.shards is not None or s.layout_y.shards is not None
-        if problem.reduce is not None and not sharded:   # (sharded: already the mean over ranks)
+        sink, rows = rows_sink(s, use_func_mechanism())
+        losses, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch, sink)
+        ev = rows(losses)
+        if problem.reduce is not None and not sharded(s):   # (sharded: already the mean over ranks)
             # data parallel: every gradient row of the step in one flat buffer, one all-reduce
             ev = _Evaluations(*problem.average(*ev))
         rows_y, rows_x = stack_rows(ev)
@@ -347,7 +384,91 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         x_new, h_f = K.outer_update(
             s.xf, s.h_f, rows_x, alpha=value_at(lr_x, t, "lr_x"), eta_f=e(eta_x, "eta_x"),
             scale_cur=1.0, scale_prev=1.0, fd=False, backend=backend)
-        hits, recent, warned = s.ball_hits, s.ball_recent, s.warned
+        new = SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
+                              d_cur, t + 1, s.layout_x, s.layout_y, s.ball_hits, s.ball_recent,
+                              pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=s.warned)
+        return finish(s, new, w_sq, ev.losses, solve, has_aux, lambda: diagnose(ev))
+
+    def _donated_step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
+        """The step written into the donated state's buffers.  The momenta are scaled by
+        (1 − η) first, then each gradient is added with its sign and weight the moment it
+        returns (eq. (6), (7), (10) term by term: h ← (1−η)h + a_t − (1−η)a_{t−1}); the
+        iterates move in place; the new previous iterate is the old iterate's buffer."""
+        t = s.step
+        first = t == 0
+        d_cur = fd_step(s.yf, s.vf, s.layout_y) if fd else 1.0
+        D.take(s)                        # consumed from here on, whatever happens
+        keep = (lambda sch, nm: 0.0) if first else (lambda sch, nm: 1.0 - value_at(sch, t, nm, unit=True))
+        k = {"f": keep(eta_x, "eta_x"), "g": keep(eta_y, "eta_y"), "R": keep(eta_v, "eta_v")}
+        h = {"f": s.h_f, "g": s.h_g, "R": s.h_R}
+        for key, hk in h.items():
+            hk.zero_() if k[key] == 0.0 else hk.mul_(k[key])
+        # name -> (momentum, sign): h_g += ∇y g; h_R += ∇yy g·v − ∇y f (eq. (5)); h_f += ∇x f − ∇xy g·v (eq. (3))
+        target = {"gy": ("g", 1.0), "hv": ("R", 1.0), "fy": ("R", -1.0), "fx": ("f", 1.0), "jv": ("f", -1.0)}
+        data_parallel = problem.reduce is not None and not sharded(s)
+        finite = {}                      # stage -> 0-d bool, read only after a failure
+        kept = {}                        # has_aux: ∇y f and ∇yy g·v at the current point
+
+        def sink(i, n):
+            def put(name, term):
+                if data_parallel:        # one all-reduce per gradient (no buffer of the step's rows)
+                    (term,) = problem.average(term)
+                if check_finite:
+                    finite[name] = finite.get(name, True) & torch.isfinite(term).all()
+                if has_aux and i == 0 and name in ("fy", "hv"):
+                    kept[name] = term
+                key, sign = target[name]
+                weight = sign if i == 0 else -sign * k[key]     # the previous point: −(1−η)·a_{t−1}
+                if weight != 0.0:
+                    h[key].add_(term.to(h[key].dtype), alpha=weight)
+            return put
+
+        losses, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch, sink)
+        if data_parallel:
+            (losses,) = problem.average(losses)
+        solve = one_step_solve(s.vf, kept["hv"], kept["fy"], s.layout_y) if has_aux else None
+        kept.clear()
+        # y_{t+1} = y_t − β h^g_t, w = v_t − λ h^R_t (Alg. 1 l. 4-5), x_{t+1} = x_t − α h^f_t (l. 7),
+        # each into the previous iterate's buffer (free now); the old iterate becomes the previous one
+        y_new = into(s.y_prev, s.yf, s.h_g, -value_at(lr_y, t, "lr_y"))
+        w = into(s.v_prev, s.vf, s.h_R, -value_at(lr_v, t, "lr_v"))
+        x_new = into(s.x_prev, s.xf, s.h_f, -value_at(lr_x, t, "lr_x"))
+        w_sq = (S.global_sqnorms(s.layout_y, w)[0] if s.layout_y.shards is not None else K.reference.sqnorm(w))
+        w_sq = w_sq.to(K.reference.compute_dtype(w.dtype))
+        if radius != float("inf"):       # Alg. 1 l. 6, in place: w·r/max(‖w‖, r)
+            w.mul_(K.reference.ball_factor(w_sq, radius, w_sq.dtype))
+        f = D.fresh
+        new = SingleLoopState(f(x_new), f(y_new), f(w), f(s.h_f), f(s.h_g), f(s.h_R), f(s.xf), f(s.yf), f(s.vf),
+                              d_cur, t + 1, s.layout_x, s.layout_y, f(s.ball_hits), f(s.ball_recent),
+                              pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=s.warned)
+        return finish(s, new, w_sq, losses, solve, has_aux, lambda: donated_diagnosis(finite))
+
+    def into(prev, cur, h, alpha):
+        """cur + alpha·h written into ``prev``'s buffer (out of place where the two share it,
+        as after init, where the previous iterate is the iterate itself)."""
+        if prev.untyped_storage().data_ptr() == cur.untyped_storage().data_ptr():
+            return torch.add(cur, h, alpha=alpha)
+        return torch.add(cur, h, alpha=alpha, out=prev)
+
+    def donated_diagnosis(finite) -> str:
+        names = {"gy": "the inner gradient ∇y g (y update)",
+                 "hv": "the linear-system products " + ("(finite-difference ∇yy g·v)" if fd else "(exact ∇yy g·v)"),
+                 "jv": "the linear-system products " + ("(finite-difference ∇xy g·v)" if fd else "(exact ∇xy g·v)"),
+                 "fx": "the outer gradient ∇f", "fy": "the outer gradient ∇f"}
+        for key in ("gy", "hv", "jv", "fx", "fy"):
+            if key in finite and not bool(finite[key]):
+                return names[key]
+        return "the update (step sizes too large: the iterates overflowed)"
+
+    def sharded(s) -> bool:
+        return s.layout_x.shards is not None or s.layout_y.shards is not None
+
+    def finish(s, new, w_sq, losses, solve, has_aux, where):
+        """The radius bookkeeping, the finite check (one host read) and the reply, shared by
+        both steps; ``s`` is the state passed in (for the message), ``where()`` names the
+        stage after a failure."""
+        t = s.step
+        hits, recent, warned = new.ball_hits, new.ball_recent, new.warned
         if radius != float("inf") and hits is not None:
             bound = (w_sq > radius * radius)
             hits = hits + bound.to(hits.dtype)
@@ -357,19 +478,22 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                 warned = warn_radius(recent, w_sq, t)
         if check_finite and not in_functorch_transform():
             # one fused reduction and one host read per step
-            probe = w_sq.float() + x_new.float().sum() + y_new.float().sum()
+            probe = w_sq.float() + new.xf.float().sum() + new.yf.float().sum()
             if not bool(torch.isfinite(probe)):
-                where = G.locate(None, diagnose(ev), **{f"state.{k}": getattr(s, k)
-                                                         for k in ("xf", "yf", "vf", "h_f", "h_g", "h_R")})
-                raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {where}; "
+                if D.consumed(s):
+                    raise FloatingPointError(
+                        f"{name} step {t}: NaN/inf arose in {where()}; the state was donated (donate=True) "
+                        f"and holds the failed update: resume from a checkpoint, or step without donation "
+                        f"where a failure must leave the state usable")
+                bad = G.locate(None, where(), **{f"state.{k}": getattr(s, k)
+                                                 for k in ("xf", "yf", "vf", "h_f", "h_g", "h_R")})
+                raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {bad}; "
                                          "the state passed in is unchanged")
-        new = SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
-                              d_cur, t + 1, s.layout_x, s.layout_y, hits, recent,
-                              pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=warned)
+        new = new._replace(ball_hits=hits, ball_recent=recent, warned=warned)
         return reply(new, has_aux, lambda: StepInfo(
-            inner_loss=ev.losses[0], outer_loss=ev.losses[1], hypergrad_norm=norm(h_f, s.layout_x),
-            delta=torch.as_tensor(d_cur, dtype=torch.float64 if s.yf.dtype == torch.float64 else torch.float32,
-                                  device=s.yf.device) if fd else None,
+            inner_loss=losses[0], outer_loss=losses[1], hypergrad_norm=norm(new.h_f, s.layout_x),
+            delta=torch.as_tensor(new.delta_prev, dtype=torch.float64 if new.yf.dtype == torch.float64
+                                  else torch.float32, device=new.yf.device) if fd else None,
             projected=w_sq > radius * radius, v_norm=w_sq.sqrt(),
             solve=solve))
 

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import sharding as S
 from .. import tree as T
+from . import donation as D
 
 __all__ = ["SingleLoopState", "RADIUS_WINDOW", "checkpoint"]
 
@@ -72,6 +73,7 @@ def checkpoint(name: str):
     """(state_dict, load_state_dict) of a single-loop run named ``name``."""
     def state_dict(s: SingleLoopState) -> dict:
         """Plain dicts, tensors and numbers (``torch.load(weights_only=True)`` reads it)."""
+        D.check_unconsumed(s)
         d = {k: getattr(s, k) for k in SingleLoopState._fields if not k.startswith("layout")}
         for k in ("layout_x", "layout_y"):
             d[k] = S.layout_to_dict(getattr(s, k))
@@ -81,6 +83,7 @@ def checkpoint(name: str):
     def load_state_dict(d: dict) -> SingleLoopState:
         if not isinstance(d, dict) or d.get("algorithm") != name:
             raise ValueError(f"not a {name} checkpoint (expected the dict of state_dict())")
+        D.check_unconsumed(d, "state_dict")
         lay = {k: S.layout_from_dict(d[k]) for k in ("layout_x", "layout_y")}
         # (checkpoints older than the decision fields leave them at their defaults: undecided)
         fields = {k: d[k] for k in SingleLoopState._fields if not k.startswith("layout") and k in d}

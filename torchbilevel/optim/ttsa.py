@@ -145,4 +145,4 @@ def ttsa(problem, *, lr_x, lr_y, neumann_steps: int = 10, eta: Optional[float] =
                      lambda: StepInfo(inner_loss=g_val, outer_loss=f_val, hypergrad_norm=norm(d_x)))
 
     state_dict, load_state_dict = checkpoint(TTSAState, name)
-    return Algorithm(init, guarded(TTSAState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(TTSAState, body, problem, name), state_dict, load_state_dict, name)

@@ -162,4 +162,4 @@ def vrbo(problem, *, lr_x, lr_y, lr_v, inner_steps: int = 10, neumann_steps: int
                                       solve=aux.solve))
 
     state_dict, load_state_dict = checkpoint(VRBOState, name)
-    return Algorithm(init, guarded(VRBOState, body, problem), state_dict, load_state_dict, name)
+    return Algorithm(init, guarded(VRBOState, body, problem, name), state_dict, load_state_dict, name)
