@@ -26,9 +26,12 @@ import torchbilevel as tb                       # noqa: E402
 from peak_memory import peak_tensor_bytes      # noqa: E402
 
 
-def rows(width=512, blocks=6, classes=100, batch=64, device="cpu"):
+def rows(width=512, blocks=6, classes=100, batch=64, device="cpu", split="head"):
     """One dict per method: parameters, state and step-peak bytes per parameter (CUDA: peak
-    allocated bytes above what was allocated before the step; CPU: the dispatch tracker)."""
+    allocated bytes above what was allocated before the step; CPU: the dispatch tracker).
+    ``split="head"``: y = the head (3 % of the parameters), x = the body (hyper-representation);
+    ``"all"``: y = every weight, x = one log weight decay per layer (hyperparameter tuning,
+    the shape of LLM data reweighting: the inner problem is the whole model)."""
     torch.manual_seed(0)
     layers = []
     for _ in range(blocks):
@@ -38,8 +41,16 @@ def rows(width=512, blocks=6, classes=100, batch=64, device="cpu"):
     data = (torch.randn(batch, width, generator=gen).to(device),
             torch.randint(0, classes, (batch,), generator=gen).to(device))
     ce = lambda x, y, b: F.cross_entropy(tb.nn.call(net, x, y, b[0]), b[1])
-    prob = tb.Bilevel(outer=ce, inner=lambda x, y, b: ce(x, y, b) + 1e-3 * sum((w ** 2).sum() for w in y.values()))
-    x, y = tb.nn.split(net, inner=[str(len(net) - 1)])
+    if split == "head":
+        prob = tb.Bilevel(outer=ce, inner=lambda x, y, b: ce(x, y, b) + 1e-3 * sum((w ** 2).sum() for w in y.values()))
+        x, y = tb.nn.split(net, inner=[str(len(net) - 1)])
+    else:
+        _, y = tb.nn.split(net, inner=[str(i) for i, m in enumerate(net) if isinstance(m, torch.nn.Linear)])
+        keys = sorted(y)
+        x = {"log_decay": torch.full((len(keys),), -7.0, device=device)}
+        decay = lambda x, y: sum(torch.exp(x["log_decay"][i]) * (y[k] ** 2).sum() for i, k in enumerate(keys))
+        fy = lambda x, y, b: F.cross_entropy(tb.nn.call(net, {}, y, b[0]), b[1])
+        prob = tb.Bilevel(outer=fy, inner=lambda x, y, b: fy(x, y, b) + decay(x, y))
     n = sum(t.numel() for t in x.values()) + sum(t.numel() for t in y.values())
     kw = dict(lr_x=0.01, lr_y=0.05, lr_v=0.05, radius=10.0)
     algos = {"fdehbo": lambda: tb.fdehbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, **kw),
@@ -50,7 +61,7 @@ def rows(width=512, blocks=6, classes=100, batch=64, device="cpu"):
                                                                                 inner_steps=1, lr_y=0.05),
              "pzobo (double_loop, N=1, Q=1)": lambda: tb.double_loop(prob, tb.pzobo(1, 0.05, directions=1, mu=1e-3),
                                                                      lr_x=0.01, inner_steps=1, lr_y=0.05)}
-    out = []
+    out = [adam_row(net, data, n, device)]
     for (name, build), donate in [(item, d) for item in algos.items() for d in (False, True)]:
         algo = build()
         if donate and not _donates(algo):
@@ -86,9 +97,37 @@ def main():
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--split", choices=["head", "all"], default="head")
     a = ap.parse_args()
-    for row in rows(a.width, a.blocks, a.classes, a.batch, a.device):
+    for row in rows(a.width, a.blocks, a.classes, a.batch, a.device, a.split):
         print(json.dumps(row))
+
+
+def adam_row(net, data, n, device):
+    """The baseline: one plain training step of the same network, ``loss.backward()`` and
+    ``torch.optim.Adam`` (state m, v), on the second step (Adam's state exists)."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(data[0]), data[1]).backward()
+        opt.step()
+    step()
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                if isinstance(t, torch.Tensor) and t.dim() > 0)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = peak_tensor_bytes(step)
+    return {"method": "Adam training (loss.backward(), torch.optim.Adam)", "donate": False, "params": n,
+            "state_bytes_per_param": state / n, "step_peak_bytes_per_param": peak / n,
+            "step_peak_x_param_bytes": peak / (4 * n), "total_bytes_per_param": (state + peak) / n,
+            "measured_with": "the same as the methods'"}
 
 
 def _donates(algo):

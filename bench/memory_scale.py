@@ -2,7 +2,8 @@
 FSDP2-sharded MLP, against one unsharded process (CPU, gloo).
 
     python bench/memory_scale.py --method first_order          # one process
-    torchrun --nproc-per-node 2 bench/memory_scale.py --method fdehbo
+    torchrun --nproc-per-node 2 bench/memory_scale.py --method fdehbo [--donate]
+    python bench/memory_scale.py --method f2sa --donate        # fdehbo, f2sa, bome: three steps
 
 Model: 10 blocks Linear(W, W) + tanh (x, the body) and a head Linear(W, 1000) (y), float32,
 built on the meta device; with more than one rank, ``fully_shard`` on every block and on
@@ -76,19 +77,25 @@ def run(a, world, rank, width, blocks, classes, base_fn):
         del out
         state_bytes = 0
     else:
-        algo = tb.fdehbo(prob, lr_x=0.01, lr_y=0.05, lr_v=0.05, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
+        algo = {"fdehbo": lambda: tb.fdehbo(prob, lr_x=0.01, lr_y=0.05, lr_v=0.05, eta_x=0.5, eta_y=0.5, eta_v=0.5,
+                                            radius=10.0),
+                "f2sa": lambda: tb.f2sa(prob, lr_x=0.01, lr_y=0.05, lr_z=0.05, inner_steps=1),
+                "bome": lambda: tb.bome(prob, lr_x=0.01, lr_y=0.05, inner_steps=1)}[a.method]()
         s = algo.init(x, y)
-        state_bytes = sum(v.numel() * v.element_size() for v in algo.state_dict(s).values()
-                          if isinstance(v, torch.Tensor))
-        for _ in range(2):            # the second step evaluates the previous iterate too
-            s = algo.step(s, batch, batch)
+        for _ in range(3):            # the second step evaluates the previous iterate too
+            s = algo.step(s, batch, batch, donate=a.donate)
+        # the state as it stands after the steps (after init, FdeHBO's previous iterate is the
+        # iterate itself): distinct storages once
+        state_bytes = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                           for v in algo.state_dict(s).values() if isinstance(v, torch.Tensor)}.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     return peak, held, state_bytes, sum(p.numel() for p in net.parameters()), base
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", choices=["first_order", "fdehbo"], required=True)
+    ap.add_argument("--method", choices=["first_order", "fdehbo", "f2sa", "bome"], required=True)
+    ap.add_argument("--donate", action="store_true", help="step(..., donate=True) (the algorithms)")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--classes", type=int, default=1000)
@@ -102,7 +109,7 @@ def main():
     # warm-up on a small model: lazily loaded kernels, threads and gloo buffers are not the method's
     run(a, world, rank, 64, 2, 10, rss_mb)
     peak, held, state_bytes, n_params, base = run(a, world, rank, a.width, a.blocks, a.classes, rss_mb)
-    row = {"world": world, "method": a.method, "params_mb_global": n_params * 4 / 2 ** 20,
+    row = {"world": world, "method": a.method, "donate": a.donate, "params_mb_global": n_params * 4 / 2 ** 20,
            "params_mb_this_rank": held / 2 ** 20, "state_mb_this_rank": state_bytes / 2 ** 20,
            "peak_mb_over_base": peak, "rss_base_mb": base}
     rows = [row]

@@ -192,27 +192,41 @@ def fd_products(g, x, y, v, batch, delta=None, batched: Optional[bool] = None, w
 
 def _pair_and_mean(g, x, y, shifted, batch, wrt, scale, work):
     """Two evaluations on separate leaves — (x₊, y+δv) and (x₋, y−δv), one random stream —
-    and ONE backward of g₊ + g₋: each point's own gradients, from which the differences
-    (the products) and the mean of the y-gradients (with the mean of the two values).  Each
-    branch is traversed once, as in the backward of D alone."""
-    legs = []
-    for s in (1.0, -1.0):
+    each with its own backward, one after the other: each point's own gradients, from which
+    the differences (the products) and the mean of the y-gradients (with the mean of the two
+    values).  Each branch is traversed once, as in the backward of D alone; the second
+    perturbed copy of y exists only after the first one's graph is gone (the joint backward of
+    g₊ + g₋ held both copies and both gradients at once: 5 vectors of y at its peak, 4 now)."""
+    def leg(s):
         xs = {k: t.detach().requires_grad_(0 in wrt) for k, t in x.items()}
         ys = {k: t.detach().requires_grad_(True) for k, t in shifted(s).items()}
-        legs.append((xs, ys))
-    inputs = [t for xs, ys in legs for t in ((list(xs.values()) if 0 in wrt else []) + list(ys.values()))]
+        inputs = (list(xs.values()) if 0 in wrt else []) + list(ys.values())
+        with torch.enable_grad():
+            value = g(xs, ys, batch)
+            grads = torch.autograd.grad(value.to(work), inputs, allow_unused=True)
+        return value.detach(), [torch.zeros_like(t) if gi is None else gi.detach() for gi, t in zip(grads, inputs)]
+
     state = R.capture(y)
-    with torch.enable_grad():
-        plus, minus = R.replaying(state, [lambda: g(legs[0][0], legs[0][1], batch),
-                                          lambda: g(legs[1][0], legs[1][1], batch)])
-        grads = torch.autograd.grad(plus.to(work) + minus.to(work), inputs, allow_unused=True)
-    grads = [torch.zeros_like(t) if gi is None else gi.detach() for gi, t in zip(grads, inputs)]
+    (plus, plus_g), (minus, minus_g) = R.replaying(state, [lambda: leg(1.0), lambda: leg(-1.0)])
+    grads = plus_g + minus_g
+    del plus_g, minus_g
     half = len(grads) // 2
     nx = len(x) if 0 in wrt else 0
-    plus_g, minus_g = grads[:half], grads[half:]
-    diff = [((a.to(work) - b.to(work)) * scale).to(a.dtype) for a, b in zip(plus_g, minus_g)]
+    diff, means = [], []
+    for i in range(half):
+        a, b = grads[i], grads[half + i]
+        grads[i] = grads[half + i] = None           # each pair freed (or reused) as soon as it is used
+        if a.dtype == work:             # the same operations in place: no copies beside them
+            diff.append(torch.sub(a, b).mul_(scale))
+            if i >= nx:
+                means.append(a.add_(b).mul_(0.5))
+        else:
+            diff.append(((a.to(work) - b.to(work)) * scale).to(a.dtype))
+            if i >= nx:
+                means.append(((a.to(work) + b.to(work)) * 0.5).to(a.dtype))
+        del a, b
     out = {0: dict(zip(x, diff[:nx])), 1: dict(zip(y, diff[nx:]))}
-    mean = {k: ((a.to(work) + b.to(work)) * 0.5).to(a.dtype) for k, a, b in zip(y, plus_g[nx:], minus_g[nx:])}
+    mean = dict(zip(y, means))
     D = (plus.detach().to(work) - minus.detach().to(work)) * scale
     return D, tuple(out[i] for i in wrt), (mean, (plus.detach().to(work) + minus.detach().to(work)) * 0.5)
 

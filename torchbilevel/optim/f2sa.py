@@ -207,21 +207,26 @@ def f2sa(problem, *, lr_x, lr_y, lr_z, inner_steps: int = 10, penalty=None,
                 else:
                     gz, gy = at_z(), at_y()
                 G.record(_PATH, gz, gy)
-                fy = gradient(f, xf, yf, zeta_y)[1][1]          # both arguments: f may ignore y
+                if problem.reduce is None:    # z moves at once: ∇y g at z is freed before f's evaluation
+                    zf.add_(gz, alpha=-gamma)
+                    del gz
+                fy = gradient(f, xf, yf, zeta_y, argnums=1)[1][0]   # (zero where f ignores y)
                 G.record(_FY, fy)
-                gz, gy, fy = problem.average(gz, gy, fy)          # one all-reduce per inner step
-                zf.add_(gz, alpha=-gamma)
+                if problem.reduce is not None:
+                    gz, gy, fy = problem.average(gz, gy, fy)      # one all-reduce per inner step
+                    zf.add_(gz, alpha=-gamma)
+                    del gz
                 yf.add_(gy.add_(fy, alpha=1.0 / lam), alpha=-beta)
-                del gz, gy, fy
+                del gy, fy
             phi_x, zeta_x = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
-            # one sample φ_x, one random stream at (x, y_{k+1}) and (x, z_{k+1})
-            # (gradients in both arguments, of which the x part is used: f or g may ignore x)
-            gx_y, (g_z, (gx_z, _)) = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x)[1][0],
-                                                                 lambda: gradient(g, xf, zf, phi_x)])
+            # one sample φ_x, one random stream at (x, y_{k+1}) and (x, z_{k+1}); x-gradients only
+            # (zero where g or f ignores x)
+            gx_y, (g_z, (gx_z,)) = R.replaying(R.capture(xf), [lambda: gradient(g, xf, yf, phi_x, argnums=0)[1][0],
+                                                               lambda: gradient(g, xf, zf, phi_x, argnums=0)])
             G.record(_G, gx_y, gx_z)
             diff = gx_y.sub_(gx_z)                      # ∇x g(x, y_{k+1}) − ∇x g(x, z_{k+1}), gx_z freed
             del gx_z, gx_y
-            f_val, (fx, _) = gradient(f, xf, yf, zeta_x)
+            f_val, (fx,) = gradient(f, xf, yf, zeta_x, argnums=0)
             G.record(_F, fx)
         diff, fx, g_z, f_val = problem.average(diff, fx, g_z, f_val)   # one all-reduce
         d_x = fx.add_(diff, alpha=lam)                  # ∇x L_λ = ∇x f + λ(∇x g(y) − ∇x g(z))
