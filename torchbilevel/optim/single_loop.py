@@ -12,23 +12,22 @@ One step at (x_t, y_t, v_t), with the previous iterate (x_{t-1}, y_{t-1}, v_{t-1
 with ∇vR = ∇yy g·v − ∇y f (eq. (5)) and ∇̄f = ∇x f − ∇xy g·v (eq. (3)); FdeHBO replaces the
 two products by central differences at y ± δv (eq. (9), (11)), FMBO computes them exactly.
 
-All state lives in flat contiguous buffers; the elementwise bookkeeping is the fused
-``torchbilevel.kernels`` update (Triton on CUDA, plain torch otherwise).
+All state lives in flat contiguous buffers.  This module evaluates the gradients of a step;
+what is done with them is :mod:`torchbilevel.optim.single_loop_update`: the fused
+``torchbilevel.kernels`` update (Triton on CUDA, plain torch otherwise) over stacked rows,
+or, with ``step(..., donate=True)``, the accumulation into the donated state's buffers.
 """
 from __future__ import annotations
 
 import collections.abc
 import contextlib
 import itertools
-import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-from torch import Tensor
 
 from .. import buffers as B
 from .. import guards as G
-from .. import kernels as K
 from .. import randomness as R
 from .. import sharding as S
 from .. import tree as T
@@ -39,9 +38,8 @@ from ..problem import (check_params, check_positive, check_problem, check_unit, 
                        in_functorch_transform, use_func_mechanism)
 from . import donation as D
 from .algorithm import Algorithm
-from .single_loop_state import RADIUS_WINDOW, SingleLoopState, checkpoint
-from .schedule import value_at
-from .step_info import StepInfo, norm, one_step_solve, reply
+from . import single_loop_update as step_update
+from .single_loop_state import SingleLoopState, checkpoint
 
 
 def _flat(fn, lx, ly):
@@ -51,15 +49,6 @@ def _flat(fn, lx, ly):
     if lx.shards is not None or ly.shards is not None:
         fn = S.objective(fn, lx, ly)
     return lambda xf, yf, batch: fn(lx.unravel(xf), ly.unravel(yf), batch)
-
-
-class _Evaluations(NamedTuple):
-    gy: Tensor      # (2, d): ∇y g at cur, prev on ζ
-    gy_prod: Tensor  # (2, d): ∇yy g·v at cur, prev (FD eq. (9) for FdeHBO, exact for FMBO)
-    gx_prod: Tensor  # (2, p): ∇xy g·v at cur, prev (FD eq. (11) for FdeHBO, exact for FMBO)
-    fx: Tensor      # (2, p): ∇x f at cur, prev
-    fy: Tensor      # (2, d): ∇y f at cur, prev
-    losses: Optional[Tensor] = None   # (2,): g(cur; ζ) (or the ± pair's mean), f(cur; ψ)
 
 
 def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, radius,
@@ -85,6 +74,7 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     f_flat_src, g_flat_src = problem.outer, problem.inner
+    cfg = step_update.Settings(name, fd, problem, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, radius, backend, check_finite)
 
     def init(x, y, v=None, inner_batch=None) -> SingleLoopState:
         """Initial state from dicts x, y (and optionally v; default 0).  Copies the inputs.
@@ -260,83 +250,6 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
         losses = R.replaying(R.capture(s.xf), calls)
         return losses[0], pair_mode[0]
 
-    def rows_sink(s: SingleLoopState, func: bool):
-        """The sink of :func:`evaluate` that fills the fused kernels' stacked rows and the
-        :class:`_Evaluations` it returns (``ev()``).  Eager: rows allocated once and written
-        as each gradient returns, so it is freed at once (no list of rows, stack and
-        concatenation beside each other: 8 extra vectors of x at peak).  Under torch.func
-        transforms / torch.compile (``func``): pure, the rows stacked at the end."""
-        slot = {"gy": ("y", 0), "hv": ("y", 2), "fy": ("y", 4), "fx": ("x", 0), "jv": ("x", 2)}
-        if func:
-            got = {k: [None, None] for k in slot}
-
-            def sink(i, n):
-                def put(name, t):
-                    got[name][i] = t
-                return put
-
-            def ev(loss):
-                stack = lambda two: torch.stack(two if two[1] is not None else [two[0]] * 2)  # prev = cur
-                return _Evaluations(stack(got["gy"]), stack(got["hv"]), stack(got["jv"]), stack(got["fx"]),
-                                    stack(got["fy"]), loss)
-            return sink, ev
-        rows = {"y": s.yf.new_empty((6,) + tuple(s.yf.shape)),     # gy, gy', Hv, Hv', fy, fy'
-                "x": s.xf.new_empty((4,) + tuple(s.xf.shape))}     # fx, fx', Jv, Jv'
-
-        def sink(i, n):
-            def put(name, t):
-                side, base = slot[name]
-                for j in ((0, 1) if n == 1 else (i,)):           # prev = cur: t = 0, or every η = 1
-                    rows[side][base + j].copy_(t)
-            return put
-
-        def ev(loss):
-            ry, rx = rows["y"], rows["x"]
-            return _Evaluations(ry[0:2], ry[2:4], rx[2:4], rx[0:2], ry[4:6], loss)
-        return sink, ev
-
-    def stack_rows(ev: _Evaluations):
-        """The stacked gradient buffers of torchbilevel.kernels (products layout, fd=False):
-        rows_y = [gy_cur, gy_prev, Hv_cur, Hv_prev, fy_cur, fy_prev],
-        rows_x = [fx_cur, fx_prev, Jv_cur, Jv_prev]; the buffers themselves when ``ev`` holds
-        views of them (:func:`evaluate`), no copy."""
-        by, bx = ev.gy._base, ev.fx._base
-        if (by is not None and bx is not None and by.dim() == 2 and by.shape[0] == 6 and bx.dim() == 2
-                and bx.shape[0] == 4 and ev.gy.data_ptr() == by.data_ptr()
-                and ev.gy_prod.data_ptr() == by[2].data_ptr() and ev.fy.data_ptr() == by[4].data_ptr()
-                and ev.fx.data_ptr() == bx.data_ptr() and ev.gx_prod.data_ptr() == bx[2].data_ptr()):
-            return by, bx          # the row buffers of evaluate (not views of another buffer)
-        rows_y = torch.cat([ev.gy, ev.gy_prod, ev.fy]).to(ev.gy.dtype)
-        rows_x = torch.cat([ev.fx, ev.gx_prod]).to(ev.fx.dtype)
-        return rows_y.contiguous(), rows_x.contiguous()
-
-    def diagnose(ev: _Evaluations) -> str:
-        parts = [("the inner gradient ∇y g (y update)", ev.gy),
-                 ("the linear-system products " + ("(finite-difference ∇yy g·v and ∇xy g·v)" if fd
-                                                   else "(exact ∇yy g·v and ∇xy g·v)"),
-                  torch.cat([ev.gy_prod.flatten(), ev.gx_prod.flatten()])),
-                 ("the outer gradient ∇f", torch.cat([ev.fx.flatten(), ev.fy.flatten()]))]
-        for what, t in parts:
-            if not bool(torch.isfinite(t).all()):
-                return what
-        return "the update (step sizes too large: the iterates overflowed)"
-
-    def warn_radius(recent, w_sq, t) -> bool:
-        """Warn (once per run: the caller records it in the state) when the projection bound
-        in most recent steps; True if it warned."""
-        frac, norm_w = (float(a) for a in torch.stack([recent.float(), w_sq.float().sqrt()]).tolist())
-        frac /= 1.0 - (1.0 - 1.0 / RADIUS_WINDOW) ** (t + 1)     # the average starts at 0: unbias it
-        if frac > 0.5:
-            warnings.warn(
-                f"{name}: the projection of v on the ball of radius={radius:g} bound in {frac:.0%} of the "
-                f"last ~{RADIUS_WINDOW} steps (step {t}; ‖v‖ would be {norm_w:.3g} unprojected). Theorem 1 "
-                f"needs radius ≥ ‖v*‖ with ∇yy g·v* = ∇y f (≈ ‖∇y f‖/μ_g): a clipped v biases the "
-                f"hypergradient. Estimate ‖v*‖ with a few CG steps (tb.hypergrad(problem, "
-                f"tb.aid(tb.cg(steps=20)), has_aux=True) gives aux.v) and pass radius ≈ 2‖v*‖.",
-                RuntimeWarning, stacklevel=5)
-            return True
-        return False
-
     def step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
         """One step of Alg. 1 (FdeHBO) / Alg. 2 (FMBO); returns the new state, never
         modifies ``s`` (a FloatingPointError leaves it usable, and the random stream where
@@ -359,143 +272,20 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
             return (_donated_step if donate else _step)(s, inner_batch, outer_batch, has_aux)
 
     def _step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
-        t = s.step
-        first = t == 0
+        """The fused update over stacked rows: the new state beside the old."""
         d_cur = fd_step(s.yf, s.vf, s.layout_y) if fd else 1.0
-        sink, rows = rows_sink(s, use_func_mechanism())
-        losses, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch, sink)
-        ev = rows(losses)
-        if problem.reduce is not None and not sharded(s):   # (sharded: already the mean over ranks)
-            # data parallel: every gradient row of the step in one flat buffer, one all-reduce
-            ev = _Evaluations(*problem.average(*ev))
-        rows_y, rows_x = stack_rows(ev)
-        # the linear system's report at v_t, read before the update (which may reuse v_t's buffer)
-        solve = one_step_solve(s.vf, ev.gy_prod[0], ev.fy[0], s.layout_y) if has_aux else None
-        # "The first step, with no previous iterate, uses the plain stochastic gradients":
-        # η = 1 zeroes the momentum bracket (prev rows equal cur rows there).
-        e = (lambda sch, nm: 1.0) if first else (lambda sch, nm: value_at(sch, t, nm, unit=True))
-        y_new, w, h_g, h_R, w_sq = K.inner_update(
-            s.yf, s.vf, s.h_g, s.h_R, rows_y, beta=value_at(lr_y, t, "lr_y"), lam=value_at(lr_v, t, "lr_v"),
-            eta_g=e(eta_y, "eta_y"), eta_R=e(eta_v, "eta_v"), scale_cur=1.0, scale_prev=1.0,
-            fd=False, backend=backend)
-        if s.layout_y.shards is not None and radius != float("inf"):
-            w_sq = S.global_sqnorms(s.layout_y, w)[0].to(w_sq.dtype)     # ‖w‖² over every rank's shard
-        v_new = K.project_ball(w, w_sq, radius, backend=backend)
-        x_new, h_f = K.outer_update(
-            s.xf, s.h_f, rows_x, alpha=value_at(lr_x, t, "lr_x"), eta_f=e(eta_x, "eta_x"),
-            scale_cur=1.0, scale_prev=1.0, fd=False, backend=backend)
-        new = SingleLoopState(x_new, y_new, v_new, h_f, h_g, h_R, s.xf, s.yf, s.vf,
-                              d_cur, t + 1, s.layout_x, s.layout_y, s.ball_hits, s.ball_recent,
-                              pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=s.warned)
-        return finish(s, new, w_sq, ev.losses, solve, has_aux, lambda: diagnose(ev))
+        sink, rows = step_update.rows_sink(s, use_func_mechanism())
+        losses, pair_mode = evaluate(s, s.step == 0, d_cur, inner_batch, outer_batch, sink)
+        return step_update.finish(cfg, s, *step_update.fused_update(cfg, s, rows(losses), d_cur, pair_mode, has_aux),
+                                  has_aux=has_aux)
 
     def _donated_step(s: SingleLoopState, inner_batch, outer_batch, has_aux: bool = False):
-        """The step written into the donated state's buffers.  The momenta are scaled by
-        (1 − η) first, then each gradient is added with its sign and weight the moment it
-        returns (eq. (6), (7), (10) term by term: h ← (1−η)h + a_t − (1−η)a_{t−1}); the
-        iterates move in place; the new previous iterate is the old iterate's buffer."""
-        t = s.step
-        first = t == 0
+        """The step written into the donated state's buffers (single_loop_update.Donated)."""
         d_cur = fd_step(s.yf, s.vf, s.layout_y) if fd else 1.0
-        D.take(s)                        # consumed from here on, whatever happens
-        keep = (lambda sch, nm: 0.0) if first else (lambda sch, nm: 1.0 - value_at(sch, t, nm, unit=True))
-        k = {"f": keep(eta_x, "eta_x"), "g": keep(eta_y, "eta_y"), "R": keep(eta_v, "eta_v")}
-        h = {"f": s.h_f, "g": s.h_g, "R": s.h_R}
-        for key, hk in h.items():
-            hk.zero_() if k[key] == 0.0 else hk.mul_(k[key])
-        # name -> (momentum, sign): h_g += ∇y g; h_R += ∇yy g·v − ∇y f (eq. (5)); h_f += ∇x f − ∇xy g·v (eq. (3))
-        target = {"gy": ("g", 1.0), "hv": ("R", 1.0), "fy": ("R", -1.0), "fx": ("f", 1.0), "jv": ("f", -1.0)}
-        data_parallel = problem.reduce is not None and not sharded(s)
-        finite = {}                      # stage -> 0-d bool, read only after a failure
-        kept = {}                        # has_aux: ∇y f and ∇yy g·v at the current point
-
-        def sink(i, n):
-            def put(name, term):
-                if data_parallel:        # one all-reduce per gradient (no buffer of the step's rows)
-                    (term,) = problem.average(term)
-                if check_finite:
-                    finite[name] = finite.get(name, True) & torch.isfinite(term).all()
-                if has_aux and i == 0 and name in ("fy", "hv"):
-                    kept[name] = term
-                key, sign = target[name]
-                weight = sign if i == 0 else -sign * k[key]     # the previous point: −(1−η)·a_{t−1}
-                if weight != 0.0:
-                    h[key].add_(term.to(h[key].dtype), alpha=weight)
-            return put
-
-        losses, pair_mode = evaluate(s, first, d_cur, inner_batch, outer_batch, sink)
-        if data_parallel:
-            (losses,) = problem.average(losses)
-        solve = one_step_solve(s.vf, kept["hv"], kept["fy"], s.layout_y) if has_aux else None
-        kept.clear()
-        # y_{t+1} = y_t − β h^g_t, w = v_t − λ h^R_t (Alg. 1 l. 4-5), x_{t+1} = x_t − α h^f_t (l. 7),
-        # each into the previous iterate's buffer (free now); the old iterate becomes the previous one
-        y_new = into(s.y_prev, s.yf, s.h_g, -value_at(lr_y, t, "lr_y"))
-        w = into(s.v_prev, s.vf, s.h_R, -value_at(lr_v, t, "lr_v"))
-        x_new = into(s.x_prev, s.xf, s.h_f, -value_at(lr_x, t, "lr_x"))
-        w_sq = (S.global_sqnorms(s.layout_y, w)[0] if s.layout_y.shards is not None else K.reference.sqnorm(w))
-        w_sq = w_sq.to(K.reference.compute_dtype(w.dtype))
-        if radius != float("inf"):       # Alg. 1 l. 6, in place: w·r/max(‖w‖, r)
-            w.mul_(K.reference.ball_factor(w_sq, radius, w_sq.dtype))
-        f = D.fresh
-        new = SingleLoopState(f(x_new), f(y_new), f(w), f(s.h_f), f(s.h_g), f(s.h_R), f(s.xf), f(s.yf), f(s.vf),
-                              d_cur, t + 1, s.layout_x, s.layout_y, f(s.ball_hits), f(s.ball_recent),
-                              pair_mode=pair_mode, gy_from_pair=s.gy_from_pair, warned=s.warned)
-        return finish(s, new, w_sq, losses, solve, has_aux, lambda: donated_diagnosis(finite))
-
-    def into(prev, cur, h, alpha):
-        """cur + alpha·h written into ``prev``'s buffer (out of place where the two share it,
-        as after init, where the previous iterate is the iterate itself)."""
-        if prev.untyped_storage().data_ptr() == cur.untyped_storage().data_ptr():
-            return torch.add(cur, h, alpha=alpha)
-        return torch.add(cur, h, alpha=alpha, out=prev)
-
-    def donated_diagnosis(finite) -> str:
-        names = {"gy": "the inner gradient ∇y g (y update)",
-                 "hv": "the linear-system products " + ("(finite-difference ∇yy g·v)" if fd else "(exact ∇yy g·v)"),
-                 "jv": "the linear-system products " + ("(finite-difference ∇xy g·v)" if fd else "(exact ∇xy g·v)"),
-                 "fx": "the outer gradient ∇f", "fy": "the outer gradient ∇f"}
-        for key in ("gy", "hv", "jv", "fx", "fy"):
-            if key in finite and not bool(finite[key]):
-                return names[key]
-        return "the update (step sizes too large: the iterates overflowed)"
-
-    def sharded(s) -> bool:
-        return s.layout_x.shards is not None or s.layout_y.shards is not None
-
-    def finish(s, new, w_sq, losses, solve, has_aux, where):
-        """The radius bookkeeping, the finite check (one host read) and the reply, shared by
-        both steps; ``s`` is the state passed in (for the message), ``where()`` names the
-        stage after a failure."""
-        t = s.step
-        hits, recent, warned = new.ball_hits, new.ball_recent, new.warned
-        if radius != float("inf") and hits is not None:
-            bound = (w_sq > radius * radius)
-            hits = hits + bound.to(hits.dtype)
-            recent = recent + (bound.to(recent.dtype) - recent) / RADIUS_WINDOW
-            if (not warned and (t + 1) % RADIUS_WINDOW == 0 and not in_functorch_transform()
-                    and not torch.compiler.is_compiling()):
-                warned = warn_radius(recent, w_sq, t)
-        if check_finite and not in_functorch_transform():
-            # one fused reduction and one host read per step
-            probe = w_sq.float() + new.xf.float().sum() + new.yf.float().sum()
-            if not bool(torch.isfinite(probe)):
-                if D.consumed(s):
-                    raise FloatingPointError(
-                        f"{name} step {t}: NaN/inf arose in {where()}; the state was donated (donate=True) "
-                        f"and holds the failed update: resume from a checkpoint, or step without donation "
-                        f"where a failure must leave the state usable")
-                bad = G.locate(None, where(), **{f"state.{k}": getattr(s, k)
-                                                 for k in ("xf", "yf", "vf", "h_f", "h_g", "h_R")})
-                raise FloatingPointError(f"{name} step {t}: NaN/inf arose in {bad}; "
-                                         "the state passed in is unchanged")
-        new = new._replace(ball_hits=hits, ball_recent=recent, warned=warned)
-        return reply(new, has_aux, lambda: StepInfo(
-            inner_loss=losses[0], outer_loss=losses[1], hypergrad_norm=norm(new.h_f, s.layout_x),
-            delta=torch.as_tensor(new.delta_prev, dtype=torch.float64 if new.yf.dtype == torch.float64
-                                  else torch.float32, device=new.yf.device) if fd else None,
-            projected=w_sq > radius * radius, v_norm=w_sq.sqrt(),
-            solve=solve))
+        acc = step_update.Donated(cfg, s, has_aux)
+        losses, pair_mode = evaluate(s, s.step == 0, d_cur, inner_batch, outer_batch, acc.sink)
+        new, w_sq, losses, solve, where = acc.commit(losses, d_cur, pair_mode)
+        return step_update.finish(cfg, s, new, w_sq, losses, solve, where, has_aux=has_aux)
 
     state_dict, load_state_dict = checkpoint(name)
 
