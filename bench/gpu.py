@@ -483,7 +483,9 @@ def section_memory(run: Run):
         device = "cuda" if _cuda() else "cpu"
         size = dict(width=64, blocks=2, classes=10, batch=16) if run.dry else dict(width=2048, blocks=10,
                                                                                    classes=1000, batch=64)
-        return {"device": device, "model": size, "rows": MM.rows(device=device, **size)}
+        # y = the head, then y = every weight (LLM data reweighting's shape); plain and donated steps
+        return {"device": device, "model": size, "rows": MM.rows(device=device, **size),
+                "rows_y_every_weight": MM.rows(device=device, split="all", **size)}
     return go
 
 
@@ -654,8 +656,9 @@ def print_summary(data):
             if "ms" in r:
                 fr = " ".join(f"{k}={v:.2f}" for k, v in r["fraction_of_copy"].items())
                 print(f"| {r['n']} | {r['dtype']} | " + " | ".join(f"{v:.3f}" for v in r["ms"].values()) + f" | {fr} |")
-    for r in data["sections"].get("memory", {}).get("rows", []):
-        print(f"memory {r['method']:44s} state {r['state_bytes_per_param']:6.1f} B/param, step peak "
+    mem = data["sections"].get("memory", {})
+    for r in mem.get("rows", []) + mem.get("rows_y_every_weight", []):
+        print(f"memory {r['method'][:36]:36s} donate={str(r.get('donate', False)):5s} state {r['state_bytes_per_param']:6.1f} B/param, step peak "
               f"{r['step_peak_bytes_per_param']:6.1f} B/param ({r['step_peak_x_param_bytes']:.1f}x parameters)")
     for pname, p in data["sections"].get("step_costs", {}).get("problems", {}).items():
         if "rows" in p:

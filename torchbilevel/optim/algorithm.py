@@ -15,6 +15,12 @@ class Algorithm(NamedTuple):
     evaluation and no host read; ``tb.progress(info)`` gives Python floats for a progress
     bar from one host read.  Each algorithm's docstring says which point each figure is at.
 
+    ``state = step(state, inner_batch, outer_batch, donate=True)`` hands the old state over:
+    the step writes the new state into its buffers and adds little more than one evaluation
+    above the state (FdeHBO, FMBO, SOBA, F2SA, BOME; the others raise ValueError).  The old
+    state is consumed (a step or ``state_dict`` of it raises); see
+    :mod:`torchbilevel.optim.donation` for the contract.
+
     ``state_dict(state)`` returns a dict that ``torch.save`` writes (including the state
     of random generators the algorithm owns); ``load_state_dict(d)`` returns the state and
     restores those generators, so a resumed run continues bit-identically on CPU.

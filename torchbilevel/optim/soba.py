@@ -83,6 +83,8 @@ def soba(problem, *, lr_x, lr_y, lr_v, backend: str = "auto", independent_outer_
     ‖∇x f − ∇xy g·v_t‖ on ψ_t (the direction x moves along), ``v_norm`` ‖v_{t+1}‖,
     ``projected`` False (no projection), ``solve`` the v step's report at v_t on ψ_t
     (relative residual ‖∇yy g·v_t − ∇y f‖/‖∇y f‖, whether v_tᵀ∇yy g v_t ≤ 0).
+    ``step(..., donate=True)`` writes the new state into the old one's buffers (as FMBO's;
+    :mod:`torchbilevel.optim.donation`).
     """
     algo, _ = fresh_single_loop(problem, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, backend=backend,
                                 independent_outer_sample=independent_outer_sample,
