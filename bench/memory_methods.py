@@ -26,12 +26,9 @@ import torchbilevel as tb                       # noqa: E402
 from peak_memory import peak_tensor_bytes      # noqa: E402
 
 
-def rows(width=512, blocks=6, classes=100, batch=64, device="cpu", split="head"):
-    """One dict per method: parameters, state and step-peak bytes per parameter (CUDA: peak
-    allocated bytes above what was allocated before the step; CPU: the dispatch tracker).
-    ``split="head"``: y = the head (3 % of the parameters), x = the body (hyper-representation);
-    ``"all"``: y = every weight, x = one log weight decay per layer (hyperparameter tuning,
-    the shape of LLM data reweighting: the inner problem is the whole model)."""
+def network(width, blocks, classes, batch, device):
+    """(net, batch, cross-entropy objective through tb.nn.call): ``blocks`` Linear(W, W) + tanh
+    and a head Linear(W, classes), seeded."""
     torch.manual_seed(0)
     layers = []
     for _ in range(blocks):
@@ -40,7 +37,16 @@ def rows(width=512, blocks=6, classes=100, batch=64, device="cpu", split="head")
     gen = torch.Generator().manual_seed(1)
     data = (torch.randn(batch, width, generator=gen).to(device),
             torch.randint(0, classes, (batch,), generator=gen).to(device))
-    ce = lambda x, y, b: F.cross_entropy(tb.nn.call(net, x, y, b[0]), b[1])
+    return net, data, lambda x, y, b: F.cross_entropy(tb.nn.call(net, x, y, b[0]), b[1])
+
+
+def rows(width=512, blocks=6, classes=100, batch=64, device="cpu", split="head"):
+    """One dict per method: parameters, state and step-peak bytes per parameter (CUDA: peak
+    allocated bytes above what was allocated before the step; CPU: the dispatch tracker).
+    ``split="head"``: y = the head (3 % of the parameters), x = the body (hyper-representation);
+    ``"all"``: y = every weight, x = one log weight decay per layer (hyperparameter tuning,
+    the shape of LLM data reweighting: the inner problem is the whole model)."""
+    net, data, ce = network(width, blocks, classes, batch, device)
     if split == "head":
         prob = tb.Bilevel(outer=ce, inner=lambda x, y, b: ce(x, y, b) + 1e-3 * sum((w ** 2).sum() for w in y.values()))
         x, y = tb.nn.split(net, inner=[str(len(net) - 1)])
@@ -121,15 +127,7 @@ def step_times(width, blocks, classes, batch, device, repeats=15):
     import statistics
     import time
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(blocks):
-        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
-    net = torch.nn.Sequential(*layers, torch.nn.Linear(width, classes)).to(device)
-    gen = torch.Generator().manual_seed(1)
-    data = (torch.randn(batch, width, generator=gen).to(device),
-            torch.randint(0, classes, (batch,), generator=gen).to(device))
-    ce = lambda x, y, b: F.cross_entropy(tb.nn.call(net, x, y, b[0]), b[1])
+    net, data, ce = network(width, blocks, classes, batch, device)
     prob = tb.Bilevel(outer=ce, inner=lambda x, y, b: ce(x, y, b) + 1e-3 * sum((w ** 2).sum() for w in y.values()))
     x, y = tb.nn.split(net, inner=[str(len(net) - 1)])
     kw = dict(lr_x=0.01, lr_y=0.05, lr_v=0.05, radius=10.0, eta_x=0.5, eta_y=0.5, eta_v=0.5)
