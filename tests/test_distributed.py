@@ -1,5 +1,7 @@
 """Data-parallel hypergradients (torchbilevel.distributed): 2 processes (gloo, CPU), each
-holding half of every batch, reproduce the single-process full-batch results.
+holding half of every batch, reproduce the single-process full-batch results; with buffer
+donation (``donate=True``: FdeHBO, F2SA, BOME) the ranks' donated runs reproduce the
+one-process run without donation.
 
 One spawn of 2 workers runs every scenario (process start-up dominates the cost); the
 parent computes the same scenarios in one process on the full batches and compares.
@@ -107,6 +109,32 @@ def scenarios(problem, rank, world):
         for _ in range(5):
             s = algo.step(s, ib, ob)
         out[f"{name} (minibatch streams), 5 steps"] = {"x": s.xf, "y": s.yf, "v": s.vf, "collectives": count(before)}
+
+    # buffer donation (donate=True) over the ranks; the one-process reference runs the same
+    # steps without donation, so the ranks' donated run must reproduce the plain full-batch run
+    donate = problem.reduce is not None
+    algo = tb.fdehbo(problem, lr_x=0.3, lr_y=0.5, lr_v=0.5, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
+    s = algo.init(x0, y0)
+    ib, ob = stream(train, 3, rank, world), stream(val, 4, rank, world)
+    before = calls()
+    for _ in range(5):
+        s = algo.step(s, ib, ob, donate=donate)
+    out["fdehbo donated (minibatch streams), 5 steps"] = {"x": s.xf, "y": s.yf, "v": s.vf, "collectives": count(before)}
+
+    algo = tb.f2sa(problem, lr_x=0.3, lr_y=0.5, lr_z=0.5, inner_steps=2)
+    s = algo.init(x0, y0)
+    ib, ob = stream(train, 5, rank, world), stream(val, 6, rank, world)
+    before = calls()
+    for _ in range(3):
+        s = algo.step(s, ib, ob, donate=donate)
+    out["f2sa donated (minibatch streams), 3 steps"] = {"x": s.xf, "y": s.yf, "z": s.zf, "collectives": count(before)}
+
+    algo = tb.bome(problem, lr_x=0.3, lr_y=0.5, inner_steps=3)
+    s = algo.init(x0, y0)
+    before = calls()
+    for _ in range(3):
+        s = algo.step(s, tr, va, donate=donate)
+    out["bome donated, 3 steps"] = {"x": s.xf, "y": s.yf, "lam": s.lam, "collectives": count(before)}
     return out
 
 
@@ -145,7 +173,8 @@ def results(tmp_path_factory):
 
 SCENARIOS = ["hypergrad AID-CG", "double_loop AID-CG, 3 steps", "double_loop stocBiO (minibatch streams), 3 steps",
              "double_loop ITD, 2 steps", "hypergrad ITD checkpoint=True", "hypergrad PZOBO", "fdehbo (minibatch streams), 5 steps",
-             "fmbo (minibatch streams), 5 steps"]
+             "fmbo (minibatch streams), 5 steps", "fdehbo donated (minibatch streams), 5 steps",
+             "f2sa donated (minibatch streams), 3 steps", "bome donated, 3 steps"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -166,6 +195,17 @@ def test_two_processes_reproduce_the_full_batch_result(results, name):
 def test_single_loop_step_issues_one_collective(results, name):
     ranks, _ = results
     assert ranks[0][name]["collectives"].item() == 5.0     # 5 steps: one all-reduce each
+
+
+def test_donated_steps_issue_their_collectives(results):
+    ranks, _ = results
+    # FdeHBO donated: one all-reduce per gradient as it returns (∇y g, ∇x f, ∇y f, ∇yy g·v, ∇xy g·v)
+    # at each point (the first step: the current one only, then the previous one too); the
+    # losses are averaged only for a step report (has_aux)
+    assert ranks[0]["fdehbo donated (minibatch streams), 5 steps"]["collectives"].item() == 5 + 4 * (2 * 5)
+    # F2SA: one per inner step + one for the x step; BOME: one per path step + one for the update
+    assert ranks[0]["f2sa donated (minibatch streams), 3 steps"]["collectives"].item() == 3 * (2 + 1)
+    assert ranks[0]["bome donated, 3 steps"]["collectives"].item() == 3 * (3 + 1)
 
 
 def test_aid_issues_one_collective_per_product(results):
@@ -220,6 +260,7 @@ if __name__ == "__main__":            # the figures of bench/RESULTS-reliability
     print("|---|---|---|")
     for name, dev in deviations(ranks, ref).items():
         c = ranks[0][name].get("collectives")
-        c = "" if c is None else (f"{int(c.item()) // 5} per step" if "5 steps" in name else f"{int(c.item())} per call")
+        c = "" if c is None else (f"{int(c.item())} in all" if "donated" in name else
+                                  f"{int(c.item()) // 5} per step" if "5 steps" in name else f"{int(c.item())} per call")
         print(f"| {name} | {dev:.1e} | {c} |")
     sys.exit(0)

@@ -221,3 +221,19 @@ def test_donation_on_a_network_with_batchnorm_and_dropout(name):
         else:
             torch.testing.assert_close(stats_plain[k], stats_donated[k], rtol=1e-10, atol=1e-12)
     assert any(not torch.equal(stats_plain[k], net0.state_dict()[k]) for k in stats_plain)
+
+
+def test_a_donated_half_precision_failure_names_the_update():
+    """A float16 gradient whose entries are finite but whose sum overflows (above 65504) is not
+    blamed: the stage named is the update that overflowed, as without donation."""
+    dt = torch.float16
+    inner = lambda x, y, b: 1000.0 * (y["w"] ** 2).sum() + (x["s"] * y["w"]).sum()
+    outer = lambda x, y, b: (y["w"] ** 2).sum() + (x["s"] ** 2).sum()
+    prob = tb.Bilevel(outer=outer, inner=inner)
+    x, y = {"s": torch.ones(100, dtype=dt)}, {"w": torch.ones(100, dtype=dt)}
+    for make in (lambda: tb.fmbo(prob, lr_x=0.1, lr_y=1000.0, lr_v=0.1, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=1e3),
+                 lambda: tb.soba(prob, lr_x=0.1, lr_y=1000.0, lr_v=0.1)):
+        for donate in (False, True):
+            algo = make()
+            with pytest.raises(FloatingPointError, match="the update"):
+                algo.step(algo.init(x, y), None, None, donate=donate)

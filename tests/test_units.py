@@ -1,6 +1,8 @@
 """Per-unit gather (torchbilevel.units) on an FSDP2 model over 2 gloo ranks: no rank ever holds
 every gathered parameter at once, and the numbers equal the plain model's in the same
-process (float64) for a first-order hypergradient and FdeHBO, F2SA and BOME steps.  A unit whose forward is bypassed
+process (float64) for a first-order hypergradient and FdeHBO, F2SA and BOME steps, with and without
+donation (``donate=True``: sharded donated steps equal the non-donated ones, F2SA and BOME
+bitwise, FdeHBO to rounding, within the same gathered-bytes bound).  A unit whose forward is bypassed
 (called as ``.forward``) raises a ValueError naming the fix.  With FSDP2's
 MixedPrecisionPolicy(bfloat16, float32) the first-order hypergradient is computed in bfloat16
 (relative error against float64 between 1e-4 and 3e-2: bfloat16's, not float32's) and
@@ -99,12 +101,26 @@ def runs(net, batch):
                                             radius=10.0, delta=1e-4)),
                        ("f2sa", tb.f2sa(prob, lr_x=0.1, lr_y=0.1, lr_z=0.1)),
                        ("bome", tb.bome(prob, lr_x=0.1, lr_y=0.1))):
+        # the same two steps without and with donation (donate=True: the new state written into
+        # the old one's buffers); each run tracked on its own, so the donated step's gathers
+        # meet the same one-unit bound
+        for donate in (False, True):
+            s = algo.init(x, y)
+            with Live() as live:
+                for _ in range(2):
+                    s = algo.step(s, batch, batch, donate=donate)
+            key = name + (" donated" if donate else "")
+            peaks[key] = live.peak
+            out[key] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
+    # the step report's ‖w‖ without a projection (radius = ∞) is over every rank's shard,
+    # plain and donated (it was one shard's norm on the plain sharded step)
+    for donate in (False, True):
+        algo = tb.fdehbo(prob, lr_x=0.1, lr_y=0.1, lr_v=0.1, radius=float("inf"), delta=1e-4)
         s = algo.init(x, y)
-        with Live() as live:
-            for _ in range(2):
-                s = algo.step(s, batch, batch)
-        peaks[name] = live.peak
-        out[name] = {**full(s.x), **{"y/" + k: v for k, v in full(s.y).items()}}
+        for _ in range(2):
+            s, info = algo.step(s, batch, batch, has_aux=True, donate=donate)
+        out["fdehbo radius=inf report" + (" donated" if donate else "")] = {
+            "v_norm": info.v_norm.detach().clone(), "hypergrad_norm": info.hypergrad_norm.detach().clone()}
     return out, peaks
 
 
@@ -182,11 +198,23 @@ def test_per_unit_gather_holds_one_unit_and_is_exact(tmp_path):
         sizes = res["sizes"]
         for name, peak in res["peaks"].items():
             assert 0 < peak <= sizes["root"] + 2 * sizes["unit"] < sizes["all"] / 2, (name, peak, sizes)
+        assert {"fdehbo donated", "f2sa donated", "bome donated"} <= set(res["peaks"]) <= set(res["ref"])
+        assert {"fdehbo radius=inf report", "fdehbo radius=inf report donated"} <= set(res["ref"])
         for name, ref in res["ref"].items():
             got = res["got"][name]
             assert set(got) == set(ref)
             for k in ref:
                 torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12, msg=f"{name} {k}")
+        # sharded: donated against not donated (F2SA, BOME: the same operations in place, bitwise;
+        # FdeHBO: the momenta accumulated term by term, to rounding)
+        for name in ("fdehbo", "f2sa", "bome"):
+            plain, donated = res["got"][name], res["got"][name + " donated"]
+            assert set(plain) == set(donated)
+            for k in plain:
+                if name == "fdehbo":
+                    torch.testing.assert_close(donated[k], plain[k], rtol=1e-9, atol=1e-12, msg=f"{name} {k}")
+                else:
+                    assert torch.equal(donated[k], plain[k]), (name, k)
         assert "unit(...)" in res["refusal"] and "fully_shard" in res["refusal"], res["refusal"]
         # bfloat16 compute honoured: the error is bfloat16's (not float32's 1e-7), and small
         ref_dx = res["ref"]["first_order"]

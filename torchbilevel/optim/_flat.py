@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from .. import buffers as B
 from .. import guards as G
@@ -17,7 +18,7 @@ from .. import randomness as R
 from .. import sharding as S
 from .. import tree as T
 from ..problem import check_params, in_functorch_transform
-from ..tracing import sharded_step
+from ..tracing import in_sharded_step, sharded_step
 from . import donation as D
 from .single_loop import _flat as flat_fn  # (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)
 
@@ -81,6 +82,8 @@ def check_step(name: str, t: int, new_buffers, trace: Optional[G.StageTrace], fa
     if in_functorch_transform():
         return
     probe = torch.stack([b.float().sum() for b in new_buffers]).sum()
+    if in_sharded_step() and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(probe)           # NaN/inf on one rank's shard: every rank raises (none waits)
     if not bool(torch.isfinite(probe)):
         where = G.locate(trace, fallback, **{f"state.{k}": v for k, v in state.items()})
         if donated:

@@ -15,6 +15,10 @@ The contract, checked here:
   state's buffers: saving that dict would write the newer values under the older step count);
 * the returned state holds new tensor objects over the same storage, so it can be donated
   again, saved, or stepped without donation;
+* a state shares buffers with the state it was stepped from *without* donation (FdeHBO,
+  FMBO and SOBA keep the old iterate as the previous iterate): donating the newer state
+  also consumes the older one (``s1 = step(s0); step(s1, donate=True)`` overwrites s0's
+  iterate, and stepping s0 then raises);
 * what a run computes with donation is the same every time (resume from a ``state_dict``,
   two runs interleaved on one algorithm object: bit for bit); against the same run without
   donation it agrees to rounding, not bitwise: the gradients are accumulated term by term
@@ -61,9 +65,10 @@ def check_unconsumed(state, what: str = "state") -> None:
     """ValueError when a tensor of ``state`` (a NamedTuple state or a state_dict) was donated."""
     if consumed(state):
         raise ValueError(
-            f"this {what} was donated to a step (donate=True): its buffers now hold the state that "
-            f"step returned. Use the returned state; save a state_dict only of a state you have not "
-            f"donated since (or donate=False where the old state must stay valid)")
+            f"this {what} was donated to a step (donate=True), or shares buffers with a state that was "
+            f"(the state it was stepped from without donation keeps its iterate as the previous one): its "
+            f"buffers now hold the state that step returned. Use the returned state; save a state_dict only "
+            f"of a state you have not donated since (or donate=False where the old state must stay valid)")
 
 
 def check(donate, name: str, state) -> bool:

@@ -19,6 +19,7 @@ import warnings
 from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .. import guards as G
@@ -133,8 +134,9 @@ def fused_update(cfg: Settings, s: SingleLoopState, ev: Evaluations, d_cur, pair
         s.yf, s.vf, s.h_g, s.h_R, rows_y, beta=value_at(cfg.lr_y, t, "lr_y"), lam=value_at(cfg.lr_v, t, "lr_v"),
         eta_g=e(cfg.eta_y, "eta_y"), eta_R=e(cfg.eta_v, "eta_v"), scale_cur=1.0, scale_prev=1.0,
         fd=False, backend=cfg.backend)
-    if s.layout_y.shards is not None and cfg.radius != float("inf"):
-        w_sq = S.global_sqnorms(s.layout_y, w)[0].to(w_sq.dtype)     # ‖w‖² over every rank's shard
+    if s.layout_y.shards is not None and (cfg.radius != float("inf") or has_aux):
+        # ‖w‖² over every rank's shard (for the projection, and for the report's ‖w‖)
+        w_sq = S.global_sqnorms(s.layout_y, w)[0].to(w_sq.dtype)
     v_new = K.project_ball(w, w_sq, cfg.radius, backend=cfg.backend)
     x_new, h_f = K.outer_update(
         s.xf, s.h_f, rows_x, alpha=value_at(cfg.lr_x, t, "lr_x"), eta_f=e(cfg.eta_x, "eta_x"),
@@ -187,7 +189,8 @@ class Donated:
             if self.data_parallel:       # one all-reduce per gradient (no buffer of the step's rows)
                 (term,) = self.cfg.problem.average(term)
             if self.cfg.check_finite:    # (a sum: one read, no mask; only read to name a stage after a failure)
-                self.finite[name] = self.finite.get(name, True) & torch.isfinite(term.sum())
+                wide = torch.float32 if term.dtype in (torch.float16, torch.bfloat16) else None   # float16 sums overflow
+                self.finite[name] = self.finite.get(name, True) & torch.isfinite(term.sum(dtype=wide))
             if self.has_aux and i == 0 and name in ("fy", "hv"):
                 self.kept[name] = term
             key, sign = self.TARGET[name]
@@ -199,7 +202,7 @@ class Donated:
     def commit(self, losses, d_cur, pair_mode):
         """(new state, ‖w‖², losses, solve report, stage namer) after every evaluation."""
         cfg, s, t = self.cfg, self.s, self.s.step
-        if self.data_parallel:
+        if self.data_parallel and self.has_aux:      # (the losses are only reported)
             (losses,) = cfg.problem.average(losses)
         solve = one_step_solve(s.vf, self.kept["hv"], self.kept["fy"], s.layout_y) if self.has_aux else None
         self.kept.clear()
@@ -255,6 +258,8 @@ def finish(cfg: Settings, s: SingleLoopState, new: SingleLoopState, w_sq, losses
     if cfg.check_finite and not in_functorch_transform():
         # one fused reduction and one host read per step
         probe = w_sq.float() + new.xf.float().sum() + new.yf.float().sum()
+        if sharded(s) and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(probe)       # NaN/inf on one rank's shard: every rank raises (none waits)
         if not bool(torch.isfinite(probe)):
             if D.consumed(s):
                 raise FloatingPointError(
