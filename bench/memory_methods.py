@@ -79,17 +79,7 @@ def rows(width=512, blocks=6, classes=100, batch=64, device="cpu", split="head")
 
         def step():
             holder[0] = algo.step(holder[0], data, data, **step_kw)
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-            how = "torch.cuda.max_memory_allocated above the allocation before the step"
-        else:
-            peak = peak_tensor_bytes(step)
-            how = "bench/peak_memory.py dispatch-mode tracker"
+        peak, how = step_peak(step, device)
         out.append({"method": name, "donate": donate, "params": n, "state_bytes_per_param": state / n,
                     "step_peak_bytes_per_param": peak / n, "step_peak_x_param_bytes": peak / (4 * n),
                     "total_bytes_per_param": (state + peak) / n, "measured_with": how})
@@ -176,6 +166,20 @@ def fit_table(by_split) -> str:
     return "\n".join(lines)
 
 
+def step_peak(step, device):
+    """(bytes the call ``step()`` adds at its peak, how it was measured): CUDA's peak allocated
+    bytes above the allocation before the call, or the CPU dispatch tracker."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before,
+                "torch.cuda.max_memory_allocated above the allocation before the step")
+    return peak_tensor_bytes(step), "bench/peak_memory.py dispatch-mode tracker"
+
+
 def adam_row(net, data, n, device):
     """The baseline: one plain training step of the same network, ``loss.backward()`` and
     ``torch.optim.Adam`` (state m, v), on the second step (Adam's state exists)."""
@@ -188,15 +192,7 @@ def adam_row(net, data, n, device):
     step()
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                 if isinstance(t, torch.Tensor) and t.dim() > 0)
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = peak_tensor_bytes(step)
+    peak, _ = step_peak(step, device)
     return {"method": "Adam training (loss.backward(), torch.optim.Adam)", "donate": False, "params": n,
             "state_bytes_per_param": state / n, "step_peak_bytes_per_param": peak / n,
             "step_peak_x_param_bytes": peak / (4 * n), "total_bytes_per_param": (state + peak) / n,

@@ -113,28 +113,20 @@ def scenarios(problem, rank, world):
     # buffer donation (donate=True) over the ranks; the one-process reference runs the same
     # steps without donation, so the ranks' donated run must reproduce the plain full-batch run
     donate = problem.reduce is not None
-    algo = tb.fdehbo(problem, lr_x=0.3, lr_y=0.5, lr_v=0.5, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0)
-    s = algo.init(x0, y0)
-    ib, ob = stream(train, 3, rank, world), stream(val, 4, rank, world)
-    before = calls()
-    for _ in range(5):
-        s = algo.step(s, ib, ob, donate=donate)
-    out["fdehbo donated (minibatch streams), 5 steps"] = {"x": s.xf, "y": s.yf, "v": s.vf, "collectives": count(before)}
-
-    algo = tb.f2sa(problem, lr_x=0.3, lr_y=0.5, lr_z=0.5, inner_steps=2)
-    s = algo.init(x0, y0)
-    ib, ob = stream(train, 5, rank, world), stream(val, 6, rank, world)
-    before = calls()
-    for _ in range(3):
-        s = algo.step(s, ib, ob, donate=donate)
-    out["f2sa donated (minibatch streams), 3 steps"] = {"x": s.xf, "y": s.yf, "z": s.zf, "collectives": count(before)}
-
-    algo = tb.bome(problem, lr_x=0.3, lr_y=0.5, inner_steps=3)
-    s = algo.init(x0, y0)
-    before = calls()
-    for _ in range(3):
-        s = algo.step(s, tr, va, donate=donate)
-    out["bome donated, 3 steps"] = {"x": s.xf, "y": s.yf, "lam": s.lam, "collectives": count(before)}
+    for label, algo, steps, batches, fields in (
+            ("fdehbo donated (minibatch streams), 5 steps",
+             tb.fdehbo(problem, lr_x=0.3, lr_y=0.5, lr_v=0.5, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0), 5,
+             (stream(train, 3, rank, world), stream(val, 4, rank, world)), ("x", "y", "v")),
+            ("f2sa donated (minibatch streams), 3 steps", tb.f2sa(problem, lr_x=0.3, lr_y=0.5, lr_z=0.5, inner_steps=2),
+             3, (stream(train, 5, rank, world), stream(val, 6, rank, world)), ("x", "y", "z")),
+            ("bome donated, 3 steps", tb.bome(problem, lr_x=0.3, lr_y=0.5, inner_steps=3), 3, (tr, va), ("x", "y"))):
+        s = algo.init(x0, y0)
+        before = calls()
+        for _ in range(steps):
+            s = algo.step(s, *batches, donate=donate)
+        out[label] = {**{k: getattr(s, k + "f") for k in fields}, "collectives": count(before)}
+        if label.startswith("bome"):
+            out[label]["lam"] = s.lam
     return out
 
 
