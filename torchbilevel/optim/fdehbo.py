@@ -104,8 +104,8 @@ def fdehbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius
         losses are means over ranks.
         ``donate=True`` (``algo.step(state, ib, ob, donate=True)``) writes the new state into the
         old one's buffers, each gradient added to the momenta as it returns: a step then adds
-        2.7x the parameter bytes above the state (y a head; 4.0x with y the whole model) instead
-        of 6.3x (11x), agrees with the plain step to rounding, and consumes the old state
+        1.4x the parameter bytes above the state (y a head; 3.5x with y the whole model) instead
+        of 6.2x (11x), agrees with the plain step to rounding, and consumes the old state
         (:mod:`torchbilevel.optim.donation`; bench/RESULTS.md §16).
     """
     return single_loop(problem, fd=True, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,
@@ -171,7 +171,7 @@ def fmbo(problem, *, lr_x, lr_y, lr_v, eta_x=1.0, eta_y=1.0, eta_v=1.0, radius,
         checkpoint it.  ``algo.step(..., has_aux=True)`` returns ``(state, StepInfo)`` as
         FdeHBO's (``inner_loss`` g(x_t, y_t; ζ_t), ``outer_loss`` f(x_t, y_t; ψ_t),
         ``hypergrad_norm`` ‖h^f_t‖, ``projected``, ``v_norm``, ``solve`` with the exact
-        ∇yy g·v_t), without ``delta``.  ``donate=True`` as FdeHBO's (2.7x / 3.7x the parameter
+        ∇yy g·v_t), without ``delta``.  ``donate=True`` as FdeHBO's (1.1x / 3.7x the parameter
         bytes above the state, y a head / the whole model; 6.2x / 11x without).
     """
     return single_loop(problem, fd=False, lr_x=lr_x, lr_y=lr_y, lr_v=lr_v, eta_x=eta_x, eta_y=eta_y,

@@ -42,6 +42,15 @@ from . import single_loop_update as step_update
 from .single_loop_state import SingleLoopState, checkpoint
 
 
+def _on_views(fn, lx, ly):
+    """fn on the dict views of flat buffers laid out by ``lx``, ``ly``: fn itself, or on sharded
+    layouts the mean over ranks of fn at the DTensors the local shards make up
+    (torchbilevel.sharding.objective)."""
+    if lx.shards is not None or ly.shards is not None:
+        return S.objective(fn, lx, ly)
+    return fn
+
+
 def _flat(fn, lx, ly):
     """fn on flat buffers: (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch); on sharded
     layouts, the mean over ranks of fn at the DTensors the local shards make up
@@ -172,24 +181,26 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
     def evaluate(s: SingleLoopState, first: bool, d_cur, inner_batch, outer_batch, sink):
         """All gradient evaluations of one step: at the current iterate (point 0) and (t ≥ 1)
         at the previous one (point 1) on the current samples, as eq. (6), (7), (10) require.
-        Each gradient goes to ``sink(point, n_points)(name, tensor)`` as it is computed
-        (names ``gy``, ``fx``, ``fy``, ``hv``, ``jv``: ∇y g on ζ, ∇x f, ∇y f, ∇yy g·v, ∇xy g·v).
+        Each gradient goes to ``sink(point, n_points)(name, dict)`` as it is computed
+        (names ``gy``, ``fx``, ``fy``, ``hv``, ``jv``: ∇y g on ζ, ∇x f, ∇y f, ∇yy g·v, ∇xy g·v),
+        a dict shaped like x or y: the objectives are differentiated at the dict views of the
+        flat buffers, so a gradient arrives key by key, never concatenated (a gradient with
+        respect to a flat buffer is its pieces and their concatenation: twice the bytes).
         Returns (the current point's losses (g, f), the pair mode that ran)."""
         pair_mode = [s.pair_mode]
         lx, ly = s.layout_x, s.layout_y
-        g = _flat(g_flat_src, lx, ly)
-        f = _flat(f_flat_src, lx, ly)
+        g, f = _on_views(g_flat_src, lx, ly), _on_views(f_flat_src, lx, ly)
         zeta = draw(inner_batch, "inner_batch")                              # ζ_t: the y update's sample
         psi_g, psi_f = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")   # ψ_t: the linear system's sample
         if independent_outer_sample:
             xi_g, xi_f = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")  # ξ̄_t: the outer gradient's sample
         else:
             xi_g, xi_f = psi_g, psi_f
-        points = [(s.xf, s.yf, s.vf, d_cur)]
+        points = [(lx.unravel(s.xf), ly.unravel(s.yf), ly.unravel(s.vf), d_cur)]
         if not first and not momentum_free:
             # (with every η the constant 1 the momentum brackets are multiplied by 0: the
             # previous iterate is not evaluated, prev rows = cur rows, half the cost)
-            points.append((s.x_prev, s.y_prev, s.v_prev, s.delta_prev))
+            points.append((lx.unravel(s.x_prev), ly.unravel(s.y_prev), ly.unravel(s.v_prev), s.delta_prev))
 
         # FdeHBO with ζ_t = ψ_t (one batch for both): ∇y g(·; ζ) from the ± pair's gradients,
         # (∇y g(y+δv) + ∇y g(y−δv))/2 = ∇y g(y) + O(δ²) (float32 error measured at the level

@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import guards as G
 from .. import kernels as K
 from .. import sharding as S
+from .. import tree as T
 from ..problem import in_functorch_transform
 from . import donation as D
 from .schedule import value_at
@@ -66,18 +67,19 @@ def sharded(s: SingleLoopState) -> bool:
 # ---------------------------------------------------------------- the fused update (default)
 
 def rows_sink(s: SingleLoopState, func: bool):
-    """(sink, ev) for the evaluations of a step: ``sink(point, n_points)(name, tensor)`` fills
+    """(sink, ev) for the evaluations of a step: ``sink(point, n_points)(name, dict)`` fills
     the fused kernels' stacked rows, ``ev(losses)`` returns the :class:`Evaluations`.  Eager:
-    rows allocated once and written as each gradient returns, so it is freed at once (no
-    list of rows, stack and concatenation beside each other).  Under torch.func transforms /
-    torch.compile (``func``): pure, the rows stacked at the end."""
+    rows allocated once and written key by key as each gradient returns, so it is freed at
+    once (no list of rows, stack and concatenation beside each other).  Under torch.func
+    transforms / torch.compile (``func``): pure, the rows raveled and stacked at the end."""
     slot = {"gy": ("y", 0), "hv": ("y", 2), "fy": ("y", 4), "fx": ("x", 0), "jv": ("x", 2)}
+    layout = {"x": s.layout_x, "y": s.layout_y}
     if func:
         got = {k: [None, None] for k in slot}
 
         def sink(i, n):
             def put(name, t):
-                got[name][i] = t
+                got[name][i] = T.ravel_like(layout[slot[name][0]], t)
             return put
 
         def ev(loss):
@@ -92,7 +94,9 @@ def rows_sink(s: SingleLoopState, func: bool):
         def put(name, t):
             side, base = slot[name]
             for j in ((0, 1) if n == 1 else (i,)):           # prev = cur: t = 0, or every η = 1
-                rows[side][base + j].copy_(t)
+                view = layout[side].unravel(rows[side][base + j])
+                for k, tk in t.items():
+                    view[k].copy_(tk)
         return put
 
     def ev(loss):
@@ -180,6 +184,7 @@ class Donated:
         self.h = {"f": s.h_f, "g": s.h_g, "R": s.h_R}
         for key, hk in self.h.items():
             hk.zero_() if self.k[key] == 0.0 else hk.mul_(self.k[key])
+        self.views = {"f": s.layout_x.unravel(s.h_f), "g": s.layout_y.unravel(s.h_g), "R": s.layout_y.unravel(s.h_R)}
         self.data_parallel = cfg.problem.reduce is not None and not sharded(s)
         self.finite = {}                 # stage -> 0-d bool, read only after a failure
         self.kept = {}                   # has_aux: ∇y f and ∇yy g·v at the current point
@@ -188,15 +193,18 @@ class Donated:
         def put(name, term):
             if self.data_parallel:       # one all-reduce per gradient (no buffer of the step's rows)
                 (term,) = self.cfg.problem.average(term)
-            if self.cfg.check_finite:    # (a sum: one read, no mask; only read to name a stage after a failure)
-                wide = torch.float32 if term.dtype in (torch.float16, torch.bfloat16) else None   # float16 sums overflow
-                self.finite[name] = self.finite.get(name, True) & torch.isfinite(term.sum(dtype=wide))
-            if self.has_aux and i == 0 and name in ("fy", "hv"):
-                self.kept[name] = term
             key, sign = self.TARGET[name]
+            if self.cfg.check_finite:    # (sums: one read, no mask; only read to name a stage after a failure)
+                sums = [t.sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
+                        for t in term.values()]                  # (float16 sums overflow)
+                self.finite[name] = self.finite.get(name, True) & torch.isfinite(torch.stack(sums).sum())
+            if self.has_aux and i == 0 and name in ("fy", "hv"):
+                self.kept[name] = T.ravel_like(self.s.layout_y, term)
             weight = sign if i == 0 else -sign * self.k[key]   # the previous point: −(1−η)·a_{t−1}
             if weight != 0.0:
-                self.h[key].add_(term.to(self.h[key].dtype), alpha=weight)
+                view = self.views[key]
+                for k, t in term.items():                     # key by key: never concatenated
+                    view[k].add_(t.to(view[k].dtype), alpha=weight)
         return put
 
     def commit(self, losses, d_cur, pair_mode):
