@@ -21,14 +21,39 @@ from ..problem import check_params, in_functorch_transform
 from ..tracing import in_sharded_step, sharded_step
 from . import donation as D
 from .single_loop import _flat as flat_fn  # (xf, yf, batch) -> fn(unravel(xf), unravel(yf), batch)
+from .single_loop import _on_views as views_fn  # fn at the dict views of flat buffers (sharded: over ranks)
 
-__all__ = ["flat_fn", "view", "init_flat", "guarded", "check_step", "checkpoint", "work_dtype"]
+__all__ = ["flat_fn", "views_fn", "add_into", "ravel_consuming", "view", "init_flat", "guarded", "check_step", "checkpoint",
+           "work_dtype"]
 
 
 def view(field: str, layout: str, doc: str = "") -> property:
     """A property giving the flat buffer ``field`` as a dict shaped by ``layout`` (DTensors
     over the local shards when the layout is sharded, like the user's dicts)."""
     return property(lambda s: getattr(s, layout).user(getattr(s, field)), doc=doc)
+
+
+def add_into(target: dict, term: dict, alpha: float) -> dict:
+    """target[k] += alpha·term[k] in place for every key (dicts of views of a flat buffer, or of
+    gradients); returns ``target``.  Key by key, the same operation as on the flat buffers."""
+    for k, t in term.items():
+        target[k].add_(t, alpha=alpha)
+    return target
+
+
+def ravel_consuming(layout, tree: dict, minus: dict = None):
+    """One flat buffer (``layout``'s order) holding ``tree`` (a dict of gradients, or
+    ``tree − minus`` entry by entry), each entry removed from the dict(s) as it is copied, so
+    it is freed at once: no concatenation beside the whole dict.  The dicts are emptied."""
+    first = next(iter(tree.values()))
+    out = torch.empty(layout.numel, dtype=first.dtype, device=first.device)
+    views = layout.unravel(out)
+    for k in layout.keys:
+        if minus is None:
+            views[k].copy_(tree.pop(k))
+        else:
+            torch.sub(tree.pop(k), minus.pop(k), out=views[k])
+    return out
 
 
 def init_flat(name: str, x, y, check_finite: bool, sharded: bool = False):

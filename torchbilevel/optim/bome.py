@@ -54,7 +54,7 @@ from .. import sharding as S
 from .. import tree as T
 from ..derivatives import gradient
 from ..problem import check_positive, check_problem, check_steps, draw
-from ._flat import check_step, checkpoint, flat_fn, guarded, init_flat, view, work_dtype
+from ._flat import add_into, check_step, checkpoint, guarded, init_flat, ravel_consuming, view, views_fn, work_dtype
 from . import donation as D
 from .algorithm import Algorithm
 from .schedule import value_at
@@ -114,7 +114,7 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
     f(x_t, y_t; ψ) (the update's evaluations), ``hypergrad_norm`` ‖∇x f + λ_t ∇x q̂‖ (the x
     part of the direction), ``multiplier`` λ_t; data parallel and sharded: means over ranks.
     ``step(..., donate=True)`` moves x and y in the old state's buffers (bitwise the same
-    numbers; a step adds 3.7x the parameter bytes above its state;
+    numbers; a step adds 3.0x the parameter bytes above its state, bench/RESULTS.md §16;
     :mod:`torchbilevel.optim.donation`).
     """
     check_problem(problem)
@@ -133,37 +133,43 @@ def bome(problem, *, lr_x, lr_y, inner_steps: int = 10, phi=0.5, phi_rule: str =
         return BOMEState(xf, yf, 0, lx, ly, torch.zeros((), dtype=work_dtype(yf), device=yf.device))
 
     def body(s: BOMEState, inner_batch, outer_batch, has_aux: bool = False, donate: bool = False):
-        """One step.  Lean: ∇x q̂ and the x direction are formed in the buffers of the
-        gradients they consume, each freed as soon as it is used; x and y move in place when
-        ``donate``."""
+        """One step.  Lean: the objectives are differentiated at the dict views of the flat
+        buffers (each gradient arrives key by key) and raveled into flat buffers key by key,
+        each entry freed as it is copied; ∇x q̂ and the x direction are formed in the buffers
+        of the gradients they consume; x and y move in place when ``donate``.  The same
+        operations as on flat gradients: bitwise the same numbers."""
         t = s.step
         lx, ly = s.layout_x, s.layout_y
-        g, f = flat_fn(problem.inner, lx, ly), flat_fn(problem.outer, lx, ly)
+        g, f = views_fn(problem.inner, lx, ly), views_fn(problem.outer, lx, ly)
         gamma = value_at(lr_inner, t, "lr_inner")
         if donate:
             D.take(s)
+        xv, yv = lx.unravel(s.xf), ly.unravel(s.yf)
         with G.tracing(check_finite) as trace:
             theta = s.yf.clone()
+            thv = ly.unravel(theta)
             for _ in range(inner_steps):                       # θ_T: no graph, buffers frozen
-                (gy,) = gradient(g, s.xf, theta, draw(inner_batch, "inner_batch"), argnums=1)[1]
+                (gy,) = gradient(g, xv, thv, draw(inner_batch, "inner_batch"), argnums=1)[1]
                 (gy,) = problem.average(gy)
-                theta.add_(gy, alpha=-gamma)
+                add_into(thv, gy, -gamma)
                 del gy
             G.record(_PATH, theta)
             zeta, psi = draw(inner_batch, "inner_batch"), draw(outer_batch, "outer_batch")
 
             def at_y():
                 with B.updating():        # running statistics move once per step, here
-                    return gradient(g, s.xf, s.yf, zeta)
+                    return gradient(g, xv, yv, zeta)
 
             (gv, (gx, gy)), (gv_th, (gx_th,)) = R.replaying(
-                R.capture(s.xf), [at_y, lambda: gradient(g, s.xf, theta, zeta, argnums=0)])
+                R.capture(s.xf), [at_y, lambda: gradient(g, xv, thv, zeta, argnums=0)])
             G.record(_G, gx, gy, gx_th)
-            del theta
-            qx = gx.sub_(gx_th)                          # ∇x q̂ = ∇x g(x, y) − ∇x g(x, θ_T), gx_th freed
-            del gx, gx_th
-            fv, (fx, fy) = gradient(f, s.xf, s.yf, psi)
+            theta = thv = None             # the path is no longer needed: freed
+            # ∇x q̂ = ∇x g(x, y) − ∇x g(x, θ_T), key by key into one flat buffer
+            qx = ravel_consuming(lx, gx, minus=gx_th)
+            gy = ravel_consuming(ly, gy)
+            fv, (fx, fy) = gradient(f, xv, yv, psi)
             G.record(_F, fx, fy)
+            fx, fy = ravel_consuming(lx, fx), ravel_consuming(ly, fy)
         qx, gy, fx, fy, gv, gv_th, fv = problem.average(qx, gy, fx, fy, gv, gv_th, fv)  # one all-reduce
         work = work_dtype(s.yf)
         qx, qy = qx.to(work), gy.to(work)
