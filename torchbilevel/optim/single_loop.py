@@ -222,9 +222,11 @@ def single_loop(problem, *, fd: bool, lr_x, lr_y, lr_v, eta_x, eta_y, eta_v, rad
                     g_val, (gy,) = gradient(g, xf, yf, zeta, argnums=1)            # ∇y g(·; ζ)
                 put("gy", gy)
                 del gy
-            f_val, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                       # ∇f(·; ψ)
-            if xi_f is not psi_f:
-                fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]                  # ∇x f(·; ξ̄)
+            if xi_f is psi_f:
+                f_val, (fx_i, fy_i) = gradient(f, xf, yf, psi_f)                   # ∇f(·; ψ)
+            else:                     # ∇y f on ψ, ∇x f on ξ̄ (never ∇x f on ψ: it is not used)
+                f_val, (fy_i,) = gradient(f, xf, yf, psi_f, argnums=1)
+                fx_i = gradient(f, xf, yf, xi_f, argnums=0)[1][0]
             put("fx", fx_i)
             put("fy", fy_i)
             del fx_i, fy_i
