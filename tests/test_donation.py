@@ -237,3 +237,35 @@ def test_a_donated_half_precision_failure_names_the_update():
             algo = make()
             with pytest.raises(FloatingPointError, match="the update"):
                 algo.step(algo.init(x, y), None, None, donate=donate)
+
+
+@pytest.mark.parametrize("name", ["fdehbo", "fmbo", "soba"])
+def test_donated_steps_report_an_indefinite_inner_hessian_as_the_plain_steps_do(name):
+    """g = ½ yᵀAy − xᵀy with A indefinite (two negative eigenvalues): the implicit-function
+    formula's assumption fails.  Started at v along a negative direction, the step's solve
+    report says vᵀ∇yy g v ≤ 0, donated as without donation (the same flags, the same
+    residuals to rounding)."""
+    from test_nonconvex import indefinite
+    A, _ = indefinite(6, seed=3)
+    w, Q = torch.linalg.eigh(A)
+    prob = tb.Bilevel(outer=lambda x, y, b: 0.5 * (y["y"] ** 2).sum() + 0.1 * (x["x"] ** 2).sum(),
+                      inner=lambda x, y, b: 0.5 * y["y"] @ A @ y["y"] - x["x"] @ y["y"])
+    x0, y0 = {"x": torch.ones(6, dtype=torch.float64)}, {"y": torch.full((6,), 0.1, dtype=torch.float64)}
+    kw = dict(lr_x=0.01, lr_y=0.05, lr_v=0.05)
+    build = {"fdehbo": lambda: tb.fdehbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0, **kw),
+             "fmbo": lambda: tb.fmbo(prob, eta_x=0.5, eta_y=0.5, eta_v=0.5, radius=10.0, **kw),
+             "soba": lambda: tb.soba(prob, **kw)}[name]
+    reports = []
+    for donate in (False, True):
+        algo = build()
+        s = algo.init(x0, y0, v={"y": Q[:, 0].clone()})          # v along the most negative direction
+        rows = []
+        for _ in range(4):
+            s, info = algo.step(s, None, None, has_aux=True, donate=donate)
+            rows.append(tb.progress(info))
+        reports.append(rows)
+    plain, donated = reports
+    assert plain[0]["solve_nonpositive_curvature"] == 1.0        # said, at the first step
+    for p, d in zip(plain, donated):
+        assert p["solve_nonpositive_curvature"] == d["solve_nonpositive_curvature"]
+        assert d["solve_residual"] == pytest.approx(p["solve_residual"], rel=1e-9)

@@ -340,19 +340,22 @@ def _figures_worker(rank, world, init_file, out_dir, which):
         dist.destroy_process_group()
 
 
-def test_sharded_runs_report_the_figures_of_one_process(tmp_path):
-    import os
-    import torch.distributed as dist
+def _spawn_figures(tmp_path, mode, world=2):
+    """The figures of ``_figures_worker`` in ``mode`` from each of ``world`` gloo ranks."""
     from spawning import spawn
+    rdv = str(tmp_path / "rendezvous")
+    results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    spawn(_figures_worker, (world, rdv, str(tmp_path), mode), world, results, rdv)
+    return [torch.load(path, weights_only=False) for path in results]
+
+
+def test_sharded_runs_report_the_figures_of_one_process(tmp_path):
+    import torch.distributed as dist
     from test_sharded import model
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     reference = sharded_figures(model(), 0, 1)
-    rdv, world = str(tmp_path / "rendezvous"), 2
-    results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    spawn(_figures_worker, (world, rdv, str(tmp_path), "sharded"), world, results, rdv)
-    for r, path in enumerate(results):
-        res = torch.load(path, weights_only=False)
+    for r, res in enumerate(_spawn_figures(tmp_path, "sharded")):
         assert res.keys() == reference.keys()
         for key, ref in reference.items():
             assert res[key].keys() == ref.keys() and {"inner_loss", "outer_loss", "hypergrad_norm"} <= set(ref) | (
@@ -491,15 +494,10 @@ def dp_figures(rank, world):
 
 def test_data_parallel_runs_report_the_full_batch_figures(tmp_path):
     import torch.distributed as dist
-    from spawning import spawn
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     reference = dp_figures(0, 1)
-    rdv, world = str(tmp_path / "rendezvous"), 2
-    results = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    spawn(_figures_worker, (world, rdv, str(tmp_path), "dp"), world, results, rdv)
-    for r, path in enumerate(results):
-        res = torch.load(path, weights_only=False)
+    for r, res in enumerate(_spawn_figures(tmp_path, "dp")):
         assert res.keys() == reference.keys()
         for key, ref in reference.items():
             assert res[key].keys() == ref.keys() and {"outer_loss", "hypergrad_norm"} <= set(ref), key
